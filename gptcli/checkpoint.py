@@ -1,0 +1,146 @@
+"""Model files: safetensors weights with the model config in their metadata, written atomically.
+
+A "model" on the command line is a `.safetensors` file or a run directory holding
+`model.safetensors`; no model given means the latest run (`runs/latest`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptcli.config import GPTConfig
+from gptcli.errors import GptcliError
+from gptcli.paths import RUNS_DIR
+
+if TYPE_CHECKING:
+    import torch
+
+    from gptcli.model import GPT
+
+MODEL_FILE = "model.safetensors"
+FORMAT = "gptcli"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash or Ctrl-C part-way leaves the previous file untouched and no partial file behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+
+
+def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict without the tied head (safetensors stores each tensor once)."""
+    state = dict(model.state_dict())
+    if model.config.tie_weights:
+        state.pop("out_head.weight", None)
+    return state
+
+
+def save_model(path: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
+    metadata = {"format": FORMAT, "config": model.config.to_json()}
+    for key, value in (extra or {}).items():
+        metadata[key] = value if isinstance(value, str) else json.dumps(value)
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    save_tensors(path, model_state_for_saving(model), metadata)
+
+
+def resolve_model_path(spec: str | Path | None) -> Path:
+    """A `.safetensors` file from a file, a run directory, or (None) the latest run."""
+    if spec is None:
+        latest = RUNS_DIR / "latest"
+        if not latest.exists():
+            raise GptcliError(
+                "no model given and no training run found (runs/latest); train one with "
+                "`gptcli train`, or pass --model RUN_DIR or a .safetensors file "
+                "(e.g. from `gptcli convert`)"
+            )
+        spec = latest
+    path = Path(spec)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise GptcliError(f"model not found: {path}")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:
+        raise GptcliError(f"{path} is not a readable safetensors file ({exc})") from None
+
+
+def load_config(path: str | Path) -> GPTConfig:
+    metadata = read_metadata(path)
+    if "config" not in metadata:
+        raise GptcliError(
+            f"{path} has no gptcli model config in its metadata; convert foreign weights with `gptcli convert`"
+        )
+    return GPTConfig.from_json(metadata["config"])
+
+
+def load_model(
+    spec: str | Path | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[GPT, Path]:
+    """The model at `spec` (see `resolve_model_path`) in eval mode, and the file it came from."""
+    from safetensors.torch import load_file
+
+    from gptcli.model import GPT
+
+    path = resolve_model_path(spec)
+    config = load_config(path)
+    model = GPT(config)
+    load_weights(model, load_file(str(path)), path)
+    model.to(device=device, dtype=dtype).eval()
+    return model, path
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load a gptcli state dict, with a clear error when it does not fit the model."""
+    expected = model_state_for_saving(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected) - {"out_head.weight"})
+    if missing or unexpected:
+        raise GptcliError(
+            f"{source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise GptcliError(
+                f"{source}: {name} has shape {tuple(state[name].shape)}, expected {tuple(tensor.shape)}"
+            )
+    model.load_state_dict({k: state[k] for k in expected}, strict=not model.config.tie_weights)

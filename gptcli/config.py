@@ -1,0 +1,89 @@
+"""Model configuration: the chapter's fields, GPT-2's presets, and JSON (de)serialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from gptcli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The chapter's GPT_CONFIG fields, plus weight tying (off, as in the chapter)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    tie_weights: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.emb_dim % self.n_heads:
+            raise UsageError(f"emb-dim ({self.emb_dim}) must be divisible by n-heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise UsageError(f"drop-rate must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with the given fields changed; `None` values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> GPTConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# GPT-2's released shapes (vocab 50257, context 1024, qkv bias, tied head) are converted by
+# `gptcli convert`; these presets are the chapter's from-scratch variants: no qkv bias, untied head.
+PRESETS: dict[str, GPTConfig] = {
+    "124M": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
+    "355M": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
+    "774M": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
+    "1558M": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
+    # Small enough for tests and smoke runs on any laptop.
+    "tiny": GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2),
+}
+PRESET_ALIASES: dict[str, str] = {
+    "gpt2": "124M",
+    "gpt2-small": "124M",
+    "gpt2-medium": "355M",
+    "gpt2-large": "774M",
+    "gpt2-xl": "1558M",
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS) + list(PRESET_ALIASES)
+
+
+def get_preset(name: str) -> GPTConfig:
+    key = PRESET_ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return PRESETS[key]

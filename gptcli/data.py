@@ -1,0 +1,179 @@
+"""Corpora, token arrays, sliding windows and batch loaders with the chapter's semantics.
+
+Text is split by characters (90/10 by default), each part tokenized, and cut into windows of
+`context_length` tokens every `stride` tokens; targets are the inputs shifted by one. The
+training loader shuffles and drops the last partial batch; the validation loader does neither.
+`BatchLoader` draws from torch's global RNG exactly as `torch.utils.data.DataLoader` does, so a
+seeded run reproduces the chapter's, and its epoch order is resumable from a saved seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gptcli.errors import GptcliError, UsageError
+
+if TYPE_CHECKING:
+    import tiktoken
+    import torch
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's contents, or a one-line error saying what is wrong with it."""
+    path = Path(path)
+    if not path.exists():
+        raise GptcliError(f"corpus not found: {path}")
+    if path.is_dir():
+        raise GptcliError(f"{path} is a directory, not a text file (prepared data needs train.bin)")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GptcliError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    if not text.strip():
+        raise GptcliError(f"{path} is empty")
+    return text
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def tokenize(text: str, tokenizer: tiktoken.Encoding) -> np.ndarray:
+    from gptcli.tokenizer import encode
+
+    return np.asarray(encode(tokenizer, text), dtype=token_dtype(tokenizer.n_vocab))
+
+
+@dataclass
+class Splits:
+    """Token arrays for training and validation, and where they came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    source: str
+
+
+def split_text(text: str, train_ratio: float) -> tuple[str, str]:
+    if not 0.0 < train_ratio < 1.0:
+        raise UsageError(f"train-ratio must be between 0 and 1, got {train_ratio}")
+    split_idx = int(train_ratio * len(text))
+    return text[:split_idx], text[split_idx:]
+
+
+def text_splits(path: str | Path, tokenizer: tiktoken.Encoding, train_ratio: float = 0.9) -> Splits:
+    train_text, val_text = split_text(read_text_file(path), train_ratio)
+    return Splits(tokenize(train_text, tokenizer), tokenize(val_text, tokenizer), str(path))
+
+
+def check_enough_tokens(splits: Splits, context_length: int) -> None:
+    """The chapter's sanity checks, as errors (exit code 2)."""
+    if len(splits.train) <= context_length:
+        raise UsageError(
+            f"not enough tokens for the training loader ({len(splits.train)} tokens, context length "
+            f"{context_length}); lower --context-length or increase --train-ratio"
+        )
+    if len(splits.val) <= context_length:
+        raise UsageError(
+            f"not enough tokens for the validation loader ({len(splits.val)} tokens, context length "
+            f"{context_length}); lower --context-length or decrease --train-ratio"
+        )
+
+
+class WindowDataset:
+    """Input/target windows over a 1-D token array (in memory or memory-mapped).
+
+    Window i starts at token i * stride; as in the chapter, starts run over
+    range(0, len(tokens) - context_length, stride).
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, stride: int) -> None:
+        if stride < 1:
+            raise UsageError(f"stride must be at least 1, got {stride}")
+        self.tokens = tokens
+        self.context_length = context_length
+        self.stride = stride
+        self.num_windows = max(0, -(-(len(tokens) - context_length) // stride))
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def window(self, index: int) -> np.ndarray:
+        start = index * self.stride
+        return np.asarray(self.tokens[start : start + self.context_length + 1], dtype=np.int64)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        chunk = torch.from_numpy(np.stack([self.window(i) for i in indices]))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+class BatchLoader:
+    """Batches of windows, drawing from torch's global RNG the way `DataLoader` does.
+
+    Each pass (`iter`) first draws DataLoader's base seed, then, when shuffling, the
+    RandomSampler's seed that fixes the pass's permutation. `epoch_order` exposes that seed so a
+    checkpoint can store it and a resumed run can rebuild the same order.
+    """
+
+    def __init__(
+        self,
+        dataset: WindowDataset,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def draw_order_seed(self) -> int | None:
+        """Consume the global RNG like `iter(DataLoader)` and return the shuffle seed (or None)."""
+        import torch
+
+        torch.empty((), dtype=torch.int64).random_()  # DataLoader's _base_seed
+        if not self.shuffle or len(self.dataset) == 0:
+            return None
+        return int(torch.empty((), dtype=torch.int64).random_().item())
+
+    def order(self, seed: int | None) -> list[int]:
+        import torch
+
+        n = len(self.dataset)
+        if seed is None:
+            return list(range(n))
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        return torch.randperm(n, generator=generator).tolist()
+
+    def batches(self, seed: int | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The pass fixed by `seed`, from batch `start` on. With several ranks, each rank gets its
+        contiguous share of every global batch."""
+        order = self.order(seed)
+        for b in range(start, len(self)):
+            indices = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.world_size > 1:
+                per_rank = len(indices) // self.world_size
+                indices = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
+            yield self.dataset.batch(indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches(self.draw_order_seed())

@@ -1,0 +1,26 @@
+"""Where gptcli keeps files: the cache directory (corpus, tokenizer, downloaded models) and runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RUNS_DIR = Path("runs")
+
+
+def cache_dir() -> Path:
+    """`$GPTCLI_HOME`, else `$XDG_CACHE_HOME/gptcli`, else `~/.cache/gptcli`."""
+    home = os.environ.get("GPTCLI_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "gptcli"
+
+
+def tokenizer_cache_dir() -> Path:
+    return cache_dir() / "tokenizer"
+
+
+def verdict_cache_path() -> Path:
+    return cache_dir() / "data" / "the-verdict.txt"

@@ -1,0 +1,90 @@
+"""GPT-2's byte-pair encoding through tiktoken, usable offline from local BPE files.
+
+Lookup order: an explicit directory (option or `GPTCLI_BPE_DIR`), then gptcli's cache
+(`gptcli fetch tokenizer` puts the files there), then tiktoken's own download and cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gptcli.errors import GptcliError
+from gptcli.paths import tokenizer_cache_dir
+
+if TYPE_CHECKING:
+    import tiktoken
+
+BPE_DIR_ENV = "GPTCLI_BPE_DIR"
+ENCODER_JSON = "encoder.json"
+VOCAB_BPE = "vocab.bpe"
+# The sha256 values tiktoken itself checks for GPT-2's files.
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENDOFTEXT = "<|endoftext|>"
+EOT_ID = 50256
+
+
+def _local_bpe_dir(explicit: str | Path | None) -> Path | None:
+    candidates: list[Path] = []
+    if explicit:
+        candidates.append(Path(explicit))
+    elif os.environ.get(BPE_DIR_ENV):
+        candidates.append(Path(os.environ[BPE_DIR_ENV]))
+    else:
+        candidates.append(tokenizer_cache_dir())
+    for directory in candidates:
+        if (directory / ENCODER_JSON).is_file() and (directory / VOCAB_BPE).is_file():
+            return directory
+        if explicit or os.environ.get(BPE_DIR_ENV):
+            raise GptcliError(
+                f"no GPT-2 BPE files ({ENCODER_JSON}, {VOCAB_BPE}) in {directory}; "
+                "run `gptcli fetch tokenizer` or point GPTCLI_BPE_DIR at a directory holding them"
+            )
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _load(bpe_dir: str | None) -> tiktoken.Encoding:
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    if bpe_dir is None:
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as exc:  # tiktoken raises requests/OS errors when offline
+            raise GptcliError(
+                "cannot load the GPT-2 tokenizer: its BPE files are not available locally and the "
+                f"download failed ({type(exc).__name__}); run `gptcli fetch tokenizer`, or set "
+                "GPTCLI_BPE_DIR to a directory with encoder.json and vocab.bpe"
+            ) from None
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(Path(bpe_dir) / VOCAB_BPE),
+            encoder_json_file=str(Path(bpe_dir) / ENCODER_JSON),
+            vocab_bpe_hash=VOCAB_BPE_SHA256,
+            encoder_json_hash=ENCODER_JSON_SHA256,
+        )
+    except ValueError as exc:
+        raise GptcliError(f"the GPT-2 BPE files in {bpe_dir} are corrupt: {exc}") from None
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_ID},
+        explicit_n_vocab=50257,
+    )
+
+
+def get_tokenizer(bpe_dir: str | Path | None = None) -> tiktoken.Encoding:
+    """GPT-2's tokenizer; offline when the BPE files are found locally."""
+    local = _local_bpe_dir(bpe_dir)
+    return _load(str(local) if local else None)
+
+
+def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Encode as the chapter does: `<|endoftext|>` in the text is the special token."""
+    return tokenizer.encode(text, allowed_special={ENDOFTEXT})
