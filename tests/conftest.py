@@ -1,0 +1,39 @@
+"""Shared test setup: ../shared (or $GPTCLI_SHARED) for the real data files, an isolated gptcli
+cache and working directory per test, and the tokenizer pointed at the local BPE files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("GPTCLI_SHARED", REPO_ROOT.parent / "shared")).resolve()
+VERDICT = SHARED / "data" / "the-verdict.txt"
+BPE_DIR = SHARED / "data" / "gpt2"
+OPENAI_TINY = SHARED / "fixtures" / "openai-tiny"
+
+# Benchmarks' chapter reference code is importable from tests.
+sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test runs in its own directory with its own gptcli cache and offline tokenizer."""
+    home = tmp_path / "gptcli-home"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("GPTCLI_HOME", str(home))
+    monkeypatch.setenv("GPTCLI_BPE_DIR", str(BPE_DIR))
+    monkeypatch.delenv("GPTCLI_MIRROR", raising=False)
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from gptcli.tokenizer import get_tokenizer
+
+    return get_tokenizer(BPE_DIR)
