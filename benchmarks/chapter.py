@@ -157,3 +157,83 @@ def to_gptcli_state_dict(chapter_state: dict[str, torch.Tensor], n_layers: int) 
             out[dst + f"{norm}.weight"] = chapter_state[src + f"{norm}.scale"]
             out[dst + f"{norm}.bias"] = chapter_state[src + f"{norm}.shift"]
     return out
+
+
+class GPTDatasetV1(torch.utils.data.Dataset):
+    def __init__(self, txt, tokenizer, max_length, stride):
+        self.input_ids, self.target_ids = [], []
+        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+        for i in range(0, len(token_ids) - max_length, stride):
+            self.input_ids.append(torch.tensor(token_ids[i : i + max_length]))
+            self.target_ids.append(torch.tensor(token_ids[i + 1 : i + max_length + 1]))
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, idx):
+        return self.input_ids[idx], self.target_ids[idx]
+
+
+def create_dataloader_v1(txt, tokenizer, batch_size=4, max_length=256, stride=128, shuffle=True, drop_last=True):
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+
+
+def calc_loss_batch(input_batch, target_batch, model, device):
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
+
+
+def calc_loss_loader(data_loader, model, device, num_batches=None):
+    total_loss = 0.0
+    if len(data_loader) == 0:
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total_loss / num_batches
+
+
+def train_model_simple(model, train_loader, val_loader, optimizer, device, num_epochs, eval_freq, eval_iter,
+                       max_steps=None):
+    """The chapter's loop (without the per-epoch sample, which draws no random numbers).
+    Returns [(step, train_loss, val_loss), ...]."""
+    history = []
+    global_step = -1
+    for _ in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                model.eval()
+                with torch.no_grad():
+                    train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+                    val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+                model.train()
+                history.append((global_step, train_loss, val_loss))
+            if max_steps is not None and global_step + 1 >= max_steps:
+                return history
+    return history
+
+
+def run_chapter_training(text, tokenizer, cfg, batch_size=2, num_epochs=10, eval_freq=5, eval_iter=5,
+                         lr=4e-4, weight_decay=0.1, seed=123, train_ratio=0.9, max_steps=None):
+    """The chapter's whole pretraining run: split, loaders, seeded model, AdamW, loop."""
+    split_idx = int(train_ratio * len(text))
+    torch.manual_seed(seed)
+    train_loader = create_dataloader_v1(text[:split_idx], tokenizer, batch_size, cfg["context_length"],
+                                        cfg["context_length"], shuffle=True, drop_last=True)
+    val_loader = create_dataloader_v1(text[split_idx:], tokenizer, batch_size, cfg["context_length"],
+                                      cfg["context_length"], shuffle=False, drop_last=False)
+    torch.manual_seed(seed)
+    model = GPTModel(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return train_model_simple(model, train_loader, val_loader, optimizer, "cpu", num_epochs, eval_freq, eval_iter,
+                              max_steps=max_steps), model

@@ -177,3 +177,8 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.batches(self.draw_order_seed())
+
+
+def load_splits(corpus: str | Path, tokenizer: tiktoken.Encoding, train_ratio: float = 0.9) -> Splits:
+    """Training and validation tokens of a text file (split by characters, as the chapter does)."""
+    return text_splits(corpus, tokenizer, train_ratio)

@@ -1,12 +1,20 @@
-"""Cross-entropy loss and perplexity."""
+"""Cross-entropy loss and perplexity: the chapter's batch losses (used by training), and `gptcli
+eval`'s scoring of texts with sliding windows and of a run's own train/val split."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptcli.errors import GptcliError, UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import tiktoken
     import torch
 
     from gptcli.model import GPT
@@ -44,3 +52,174 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
+
+
+# --- evaluating text and runs (`gptcli eval`) -----------------------------------------------------
+
+IGNORE_INDEX = -100  # cross_entropy's default: targets with this value are not scored
+
+
+@dataclass
+class EvalResult:
+    """Loss of one source: the mean cross-entropy over its scored tokens."""
+
+    source: str
+    tokens: int  # tokens in the source (after --max-tokens)
+    loss: float
+
+    @property
+    def perplexity(self) -> float:
+        return perplexity(self.loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        def finite(x: float) -> float | None:  # JSON has no NaN/Infinity
+            return x if math.isfinite(x) else None
+
+        return {"source": self.source, "tokens": self.tokens, "loss": finite(self.loss),
+                "perplexity": finite(self.perplexity)}
+
+
+def token_windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows that score each of tokens[1:] exactly once, as (begin, end, first).
+
+    Window inputs are tokens[begin:end] (at most `context_length`), its targets tokens[begin+1:end+1];
+    only targets from local position `first` on are scored, the ones before were scored by an earlier
+    window. Windows start every `stride` tokens, so with a stride below the context length each token
+    is predicted with at least `context_length - stride` earlier tokens as context (the sliding-window
+    perplexity of Hugging Face's guide); with stride = context length the windows do not overlap.
+    """
+    if not 1 <= stride <= context_length:
+        raise UsageError(
+            f"--stride must be between 1 and the context length ({context_length}), got {stride}"
+        )
+    windows = []
+    begin = scored_until = 0  # targets up to index `scored_until` are scored
+    last = num_tokens - 1
+    while scored_until < last:
+        end = min(begin + context_length, last)
+        windows.append((begin, end, scored_until - begin))
+        scored_until = end
+        begin += stride
+    return windows
+
+
+def sliding_window_loss(
+    model: GPT,
+    tokens: Sequence[int] | np.ndarray,
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[float, int]:
+    """Mean cross-entropy of predicting tokens[1:] and the number of predictions (see `token_windows`).
+
+    Windows are batched `batch_size` at a time; the shorter last window is right-padded, which causal
+    attention never lets earlier positions see. `on_batch(done, total)` reports progress.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    context_length = model.config.context_length
+    windows = token_windows(len(tokens), context_length, stride or context_length)
+    if not windows:
+        raise UsageError(f"need at least 2 tokens to compute a loss, got {len(tokens)}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    total, count = 0.0, 0
+    num_batches = -(-len(windows) // batch_size)
+    with torch.inference_mode():
+        for b in range(num_batches):
+            group = windows[b * batch_size : (b + 1) * batch_size]
+            width = max(end - begin for begin, end, _ in group)
+            inputs = torch.zeros(len(group), width, dtype=torch.long)
+            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+            for row, (begin, end, first) in enumerate(group):
+                inputs[row, : end - begin] = ids[begin:end]
+                targets[row, first : end - begin] = ids[begin + 1 + first : end + 1]
+            logits = model(inputs.to(device))
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.to(device).flatten(),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+            total += loss.item()
+            count += int((targets != IGNORE_INDEX).sum())
+            if on_batch is not None:
+                on_batch(b + 1, num_batches)
+    return total / count, count
+
+
+def evaluate_tokens(
+    model: GPT,
+    source: str,
+    tokens: Sequence[int] | np.ndarray,
+    stride: int | None = None,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise UsageError(f"{source}: need at least 2 tokens to compute a loss, got {len(tokens)}")
+    loss, _ = sliding_window_loss(model, tokens, stride, batch_size, device, on_batch)
+    return EvalResult(source, len(tokens), loss)
+
+
+RUN_FILE = "run.json"
+
+
+def read_run_settings(run_dir: str | Path) -> dict[str, Any]:
+    """A run's training settings (`run.json`), with a clear error when they are missing or broken."""
+    path = Path(run_dir) / RUN_FILE
+    if not Path(run_dir).is_dir():
+        raise GptcliError(f"run directory not found: {run_dir}")
+    if not path.is_file():
+        raise GptcliError(f"{run_dir} has no {RUN_FILE}; is it a directory made by `gptcli train`?")
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GptcliError(f"cannot read {path}: {exc}") from None
+    if not isinstance(settings, dict) or not settings.get("corpus"):
+        raise GptcliError(f"{path} does not name the run's corpus")
+    return settings
+
+
+def evaluate_run_splits(
+    model: GPT,
+    run_dir: str | Path,
+    tokenizer: tiktoken.Encoding,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[EvalResult]:
+    """Loss on the run's own train and val splits, computed the way training evaluates: the same
+    character split, windows (context length, the run's stride) and batch size, batches in order
+    (no shuffling, last partial batch kept) and the mean of the batch losses, over all batches."""
+    from gptcli.data import BatchLoader, WindowDataset, load_splits
+
+    settings = read_run_settings(run_dir)
+    corpus = Path(settings["corpus"])
+    if not corpus.exists():
+        raise GptcliError(
+            f"the run's corpus {corpus} was not found (run.json records it as given to `gptcli train`; "
+            "run eval from the same directory)"
+        )
+    context_length = model.config.context_length
+    stride = settings.get("stride") or context_length
+    batch_size = settings.get("batch_size") or 2
+    splits = load_splits(corpus, tokenizer, settings.get("train_ratio", 0.9))
+    results = []
+    for name, tokens in (("train", splits.train), ("val", splits.val)):
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        dataset = WindowDataset(tokens, context_length, stride)
+        loader = BatchLoader(dataset, batch_size, shuffle=False, drop_last=False)
+        if len(loader) == 0:
+            raise UsageError(
+                f"the run's {name} split has {len(tokens)} tokens, too few for one window of {context_length}"
+            )
+        loss = mean_batch_loss(model, loader.batches(None), len(loader), device)
+        results.append(EvalResult(f"{run_dir} ({name})", len(tokens), loss))
+    return results

@@ -1,7 +1,210 @@
-"""(work in progress)"""
+"""Pretrain a GPT from scratch on a text file (or a `gptcli prepare` directory), as the chapter does."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
 
 import typer
 
+from gptcli.config import PRESETS
 
-def command() -> None:
-    raise typer.Exit(1)
+MODEL = "Model shape"
+DATA = "Data"
+OPTIM = "Optimization"
+LOOP = "Evaluation, samples and checkpoints"
+RUNTIME = "Runtime and output"
+
+# Options that may change when a run is resumed; everything else comes from its run.json.
+RESUMABLE = {"epochs", "max_steps", "save_every", "device", "json_output", "quiet", "resume", "plots"}
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option was typed on the command line (not left at its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def command(
+    ctx: typer.Context,
+    corpus: str | None = typer.Argument(
+        None, help="UTF-8 text file, or a directory made by `gptcli prepare`. Default: the chapter's "
+        "the-verdict.txt, downloaded once into gptcli's cache.", show_default=False,
+    ),
+    preset: str = typer.Option(
+        "124M", help=f"Model shape preset: {', '.join(PRESETS)} (aliases gpt2, gpt2-small, gpt2-medium, "
+        "gpt2-large, gpt2-xl).", rich_help_panel=MODEL,
+    ),
+    context_length: int = typer.Option(
+        256, help="Tokens per training window (the chapter's 256; GPT-2 was trained with 1024).",
+        rich_help_panel=MODEL,
+    ),
+    emb_dim: int | None = typer.Option(None, help="Embedding width [default: preset's]", rich_help_panel=MODEL),
+    n_heads: int | None = typer.Option(None, help="Attention heads [default: preset's]", rich_help_panel=MODEL),
+    n_layers: int | None = typer.Option(None, help="Transformer blocks [default: preset's]", rich_help_panel=MODEL),
+    drop_rate: float = typer.Option(0.1, help="Dropout rate.", rich_help_panel=MODEL),
+    qkv_bias: bool = typer.Option(False, help="Bias in the query/key/value projections.", rich_help_panel=MODEL),
+    vocab_size: int = typer.Option(50257, help="Vocabulary size (GPT-2 BPE: 50257).", rich_help_panel=MODEL),
+    tie_weights: bool = typer.Option(
+        False, help="Share the output head with the token embedding (GPT-2 does; the chapter does not).",
+        rich_help_panel=MODEL,
+    ),
+    init: Path | None = typer.Option(
+        None, help="Start from saved weights (.safetensors from a run or `gptcli convert`); the model "
+        "shape comes from them.", rich_help_panel=MODEL,
+    ),
+    train_ratio: float = typer.Option(0.9, help="Share of the text (by characters) used for training.",
+                                      rich_help_panel=DATA),
+    stride: int | None = typer.Option(None, help="Step between windows [default: context length].",
+                                      rich_help_panel=DATA),
+    epochs: int = typer.Option(10, help="Passes over the training windows.", rich_help_panel=OPTIM),
+    batch_size: int = typer.Option(
+        2, help="Sequences per optimizer step (summed over processes and accumulation micro-batches).",
+        rich_help_panel=OPTIM,
+    ),
+    micro_batch_size: int | None = typer.Option(
+        None, help="Sequences per forward/backward pass; smaller than the per-process batch means gradient "
+        "accumulation [default: the whole batch].", rich_help_panel=OPTIM,
+    ),
+    lr: float = typer.Option(4e-4, help="Peak learning rate (AdamW).", rich_help_panel=OPTIM),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay.", rich_help_panel=OPTIM),
+    schedule: str = typer.Option("constant", help="Learning-rate schedule after warmup: constant or cosine.",
+                                 rich_help_panel=OPTIM),
+    warmup_steps: int = typer.Option(0, help="Linear warmup steps (lr/warmup up to --lr).", rich_help_panel=OPTIM),
+    min_lr: float = typer.Option(0.0, help="Final learning rate of the cosine decay.", rich_help_panel=OPTIM),
+    grad_clip: float | None = typer.Option(None, help="Clip the gradient norm to this value [default: off].",
+                                           rich_help_panel=OPTIM),
+    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps.", rich_help_panel=OPTIM),
+    seed: int = typer.Option(123, help="Random seed (initialisation, shuffling, dropout).", rich_help_panel=OPTIM),
+    eval_freq: int = typer.Option(5, help="Evaluate every this many steps.", rich_help_panel=LOOP),
+    eval_iter: int = typer.Option(5, help="Batches per evaluation (train and val).", rich_help_panel=LOOP),
+    sample_prompt: str = typer.Option("Every effort moves you", help="Prompt of the sample after each epoch.",
+                                      rich_help_panel=LOOP),
+    sample_tokens: int = typer.Option(50, help="Tokens in each epoch's greedy sample (0: none).",
+                                      rich_help_panel=LOOP),
+    save_every: int | None = typer.Option(
+        None, help="Also checkpoint every this many steps [default: after each epoch and at the end].",
+        rich_help_panel=LOOP,
+    ),
+    out: Path | None = typer.Option(None, help="Run directory [default: runs/<time>-<corpus>].",
+                                    rich_help_panel=LOOP),
+    resume: Path | None = typer.Option(
+        None, help="Continue the run in this directory where it stopped (--epochs/--max-steps may extend it).",
+        rich_help_panel=LOOP,
+    ),
+    plots: bool = typer.Option(True, help="Write loss.png and perplexity.png.", rich_help_panel=LOOP),
+    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.",
+                               rich_help_panel=RUNTIME),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast.", rich_help_panel=RUNTIME),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model.", rich_help_panel=RUNTIME),
+    nproc: int | None = typer.Option(
+        None, help="Train with this many local processes (DDP through torchrun).", rich_help_panel=RUNTIME,
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="One JSON object per evaluation on stdout (and nothing else there).",
+        rich_help_panel=RUNTIME,
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr.",
+                               rich_help_panel=RUNTIME),
+) -> None:
+    from gptcli import ui
+    from gptcli.config import get_preset
+    from gptcli.errors import EXIT_INTERRUPTED, UsageError
+    from gptcli.train import (
+        RUN_FILE,
+        CheckpointSaved,
+        Evaluation,
+        RunFinished,
+        RunStarted,
+        Sample,
+        StepDone,
+        TrainSettings,
+        resolve_init_config,
+        train,
+    )
+
+    if nproc is not None:
+        from gptcli.distributed import launch
+
+        raise typer.Exit(launch(nproc, sys.argv))
+
+    if resume is not None:
+        run_file = resume / RUN_FILE
+        if not run_file.is_file():
+            raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
+        changed = [
+            name for name in ctx.params
+            if name not in RESUMABLE and _given(ctx, name)
+        ]
+        if changed:
+            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise UsageError(f"{flags} cannot change when resuming; only --epochs, --max-steps, --save-every "
+                             "and --device can")
+        settings = TrainSettings.from_dict(json.loads(run_file.read_text()))
+        settings.out = str(resume)
+        for name in ("epochs", "max_steps", "save_every", "device", "plots"):
+            if _given(ctx, name):
+                setattr(settings, name, ctx.params[name])
+    else:
+        overrides: dict[str, Any] = {
+            "context_length": context_length, "emb_dim": emb_dim, "n_heads": n_heads, "n_layers": n_layers,
+            "drop_rate": drop_rate, "qkv_bias": qkv_bias, "vocab_size": vocab_size, "tie_weights": tie_weights,
+        }
+        if init is not None:
+            explicit = {
+                k: v for k, v in overrides.items() if _given(ctx, k)
+            }
+            config = resolve_init_config(str(init), explicit)
+        else:
+            config = get_preset(preset).replace(**overrides)
+        if corpus is None:
+            from gptcli.download import ensure_verdict
+
+            corpus = str(ensure_verdict())
+        settings = TrainSettings(
+            corpus=corpus, config=config, out=str(out) if out else None, epochs=epochs, batch_size=batch_size,
+            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, schedule=schedule,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_freq=eval_freq,
+            eval_iter=eval_iter, seed=seed, train_ratio=train_ratio, stride=stride,
+            sample_prompt=sample_prompt, sample_tokens=sample_tokens, device=device, precision=precision,
+            compile=compile, max_steps=max_steps, save_every=save_every, init=str(init) if init else None,
+            plots=plots,
+        )
+
+    # First Ctrl-C: finish the step, checkpoint, exit 130. Second: abort at once.
+    stop = {"requested": False}
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        ui.console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    view = ui.TrainView(quiet=quiet)
+    finished: RunFinished | None = None
+    try:
+        for event in train(settings, resume=resume is not None, stop_requested=lambda: stop["requested"]):
+            if isinstance(event, StepDone):
+                view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
+            elif isinstance(event, Evaluation):
+                view.evaluation(event)
+                if json_output:
+                    typer.echo(json.dumps(event.to_dict()))
+            elif isinstance(event, Sample):
+                view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
+            elif isinstance(event, RunStarted):
+                view.start(event)
+            elif isinstance(event, CheckpointSaved):
+                pass
+            elif isinstance(event, RunFinished):
+                finished = event
+    finally:
+        view.finish(finished)
+        signal.signal(signal.SIGINT, previous)
+    if finished is not None and finished.reason == "interrupted":
+        ui.console.print(f"interrupted; continue with: gptcli train --resume {finished.out_dir}")
+        raise typer.Exit(EXIT_INTERRUPTED)
