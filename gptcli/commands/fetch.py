@@ -1,7 +1,196 @@
-"""(work in progress)"""
+"""Download the chapter's corpus, GPT-2's tokenizer files or OpenAI's GPT-2 weights.
+
+WHAT is one of:
+verdict: the chapter's training text (`train` with no corpus uses it);
+tokenizer: GPT-2's encoder.json and vocab.bpe, so the tokenizer works offline;
+gpt2: OpenAI's seven release files of --size (convert them with --convert or `gptcli convert`).
+
+Files go to gptcli's cache ($GPTCLI_HOME, else $XDG_CACHE_HOME/gptcli or ~/.cache/gptcli)
+unless --out/--dir say otherwise. An interrupted download resumes when the command is run again;
+files are verified before they are put in place; complete files are skipped.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def command() -> None:
-    raise typer.Exit(1)
+    from gptcli.download import FetchEvent
+
+
+class What(str, enum.Enum):
+    verdict = "verdict"
+    tokenizer = "tokenizer"
+    gpt2 = "gpt2"
+
+
+class Size(str, enum.Enum):
+    s124M = "124M"
+    s355M = "355M"
+    s774M = "774M"
+    s1558M = "1558M"
+
+
+def command(
+    what: What = typer.Argument(..., help="verdict, tokenizer or gpt2.", show_default=False),
+    size: Size = typer.Option(Size.s124M, "--size", help="GPT-2 model size (gpt2 only)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="File to write the corpus to (verdict only; default: the cache).",
+        dir_okay=False,
+    ),
+    directory: Path | None = typer.Option(
+        None,
+        "--dir",
+        help="Directory for the files (gpt2: default <cache>/models/<size>; tokenizer: default <cache>/tokenizer).",
+        file_okay=False,
+    ),
+    convert: bool = typer.Option(
+        False,
+        "--convert",
+        help="gpt2 only: convert the checkpoint to <dir>/model.safetensors afterwards (usable as `--model <dir>`).",
+    ),
+    mirror: str | None = typer.Option(
+        None,
+        "--mirror",
+        envvar="GPTCLI_MIRROR",
+        show_envvar=True,
+        help="Fetch from this http(s):// URL or local directory instead of the official URLs, with the "
+        "layout the-verdict.txt, encodings/<file>, <size>/<file> and an optional SHA256SUMS.",
+    ),
+    retries: int = typer.Option(3, "--retries", min=0, help="Retries per URL on connection errors and 5xx."),
+    backoff: float = typer.Option(
+        1.0, "--backoff", min=0.0, help="Seconds before the first retry; doubles on each further one."
+    ),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for the server."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print what was fetched (paths, bytes, sha256) as JSON on stdout."
+    ),
+) -> None:
+    import json
+
+    from gptcli import download
+    from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
+    from gptcli.ui import console
+
+    if out is not None and what is not What.verdict:
+        raise UsageError("--out is for `fetch verdict`; use --dir for the other files")
+    if directory is not None and what is What.verdict:
+        raise UsageError("`fetch verdict` takes --out FILE, not --dir")
+    if convert and what is not What.gpt2:
+        raise UsageError("--convert is for `fetch gpt2`")
+    policy = download.RetryPolicy(retries=retries, backoff=backoff, timeout=timeout)
+    renderer = _Renderer(console)
+    try:
+        with renderer:
+            if what is What.verdict:
+                results = [download.fetch_verdict(out, mirror, renderer.on_event, policy, want_sha256=json_output)]
+            elif what is What.tokenizer:
+                results = download.fetch_tokenizer(
+                    directory, mirror, renderer.on_event, policy, want_sha256=json_output
+                )
+            else:
+                results = download.fetch_gpt2(
+                    size.value, directory, mirror, renderer.on_event, policy, want_sha256=json_output
+                )
+    except KeyboardInterrupt:
+        raise GptcliError(
+            "interrupted; the partial download is kept as a .part file, run the same command to resume",
+            EXIT_INTERRUPTED,
+        ) from None
+
+    converted = None
+    if convert:
+        from gptcli.commands.convert import run_conversion
+
+        model_dir = results[0].path.parent
+        converted = run_conversion(model_dir, model_dir / "model.safetensors", "openai", "gptcli", True).output
+
+    where = results[0].path.parent if len(results) > 1 else results[0].path
+    fetched = sum(1 for r in results if not r.skipped)
+    console.print(
+        f"[green]✓[/] {len(results)} file(s) in {where} ({fetched} downloaded, "
+        f"{len(results) - fetched} already complete)"
+    )
+    if json_output:
+        report = {
+            "files": [
+                {
+                    "name": r.name,
+                    "path": str(r.path),
+                    "bytes": r.bytes,
+                    "sha256": r.sha256,
+                    "url": r.url,
+                    "skipped": r.skipped,
+                }
+                for r in results
+            ],
+        }
+        if converted is not None:
+            report["converted"] = str(converted)
+        typer.echo(json.dumps(report, indent=2))
+
+
+class _Renderer:
+    """A rich progress bar per file on stderr, fed by the downloader's events."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> _Renderer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tasks:
+            self.progress.stop()
+
+    def on_event(self, event: FetchEvent) -> None:
+        from rich.markup import escape
+
+        name = escape(event.name)
+        if event.kind == "start":
+            if not self.tasks:
+                self.progress.start()  # only once a transfer begins: no empty bar when all is skipped
+            if event.name in self.tasks:
+                self.progress.reset(self.tasks[event.name], total=event.total, completed=event.done)
+            else:
+                self.tasks[event.name] = self.progress.add_task(name, total=event.total, completed=event.done)
+            if event.done:
+                self.progress.console.print(f"resuming {name} at {event.done:,} bytes")
+        elif event.kind == "progress":
+            self.progress.update(self.tasks[event.name], completed=event.done, total=event.total)
+        elif event.kind == "retry":
+            self.progress.console.print(f"[yellow]{name}[/]: {escape(event.message)} ({escape(event.url)})")
+        elif event.kind == "fallback":
+            self.progress.console.print(
+                f"[yellow]{name}[/]: {escape(event.url)} failed ({escape(event.message)}); trying the next URL"
+            )
+        elif event.kind == "skip":
+            self.progress.console.print(f"{name}: already complete, skipped")
+        elif event.kind == "done" and event.name in self.tasks:
+            self.progress.update(self.tasks[event.name], completed=event.done, total=event.total)
