@@ -353,3 +353,21 @@ def test_check_enough_tokens_for_validation(tokenizer):
     splits = text_splits(VERDICT, tokenizer, 0.99)
     with pytest.raises(UsageError, match="validation loader"):
         check_enough_tokens(splits, 256)
+
+
+def test_no_corpus_trains_on_the_verdict_fetched_once(monkeypatch):
+    from gptcli.paths import verdict_cache_path
+
+    from .conftest import SHARED
+
+    monkeypatch.setenv("GPTCLI_MIRROR", str(SHARED / "data"))  # a local mirror directory
+    args = ["train", "--preset", "tiny", "--context-length", "64", "--batch-size", "8", "--max-steps", "1",
+            "--eval-iter", "1", "--sample-tokens", "0", "--quiet", "--no-plots"]
+    result = runner.invoke(app, [*args, "--out", "first"])
+    assert result.exit_code == 0, result.output
+    cached = verdict_cache_path()
+    assert cached.read_bytes() == VERDICT.read_bytes()
+    assert json.loads(Path("first/run.json").read_text())["corpus"] == str(cached)
+    monkeypatch.setenv("GPTCLI_MIRROR", "/nonexistent-mirror")  # a second run needs no download
+    result = runner.invoke(app, [*args, "--out", "second"])
+    assert result.exit_code == 0, result.output
