@@ -1,7 +1,161 @@
-"""(work in progress)"""
+"""Cross-entropy loss and perplexity of a model on text files, stdin, or a run's own train/val split."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import TYPE_CHECKING
 
 import typer
 
+from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 
-def command() -> None:
-    raise typer.Exit(1)
+if TYPE_CHECKING:
+    from gptcli.evaluate import EvalResult
+
+RUNTIME = "Model and runtime"
+STDIN = "<stdin>"
+
+
+def command(
+    files: list[str] | None = typer.Argument(
+        None, show_default=False,
+        help="UTF-8 text files to score; '-' or piped text reads stdin.",
+    ),
+    run: str | None = typer.Option(
+        None, "--run", show_default=False,
+        help="Score this run's model on the run's own train and val split, the way training evaluates "
+        "(its corpus, train ratio, stride and batch size; mean of batch losses).",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", show_default=False, rich_help_panel=RUNTIME,
+        help="Run directory or .safetensors file. Default: runs/latest.",
+    ),
+    stride: int | None = typer.Option(
+        None, "--stride", show_default=False,
+        help="Tokens between windows of the context length; below the context length each token is still "
+        "scored once, with more earlier tokens as context (slower, lower loss). Default: the context length.",
+    ),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", show_default=False, help="Score only the first N tokens of each source.",
+    ),
+    json_output: bool = typer.Option(
+        False, "--json",
+        help="One JSON object per source (source, tokens, loss, perplexity) instead of a table.",
+    ),
+    device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
+    dtype: str = typer.Option(
+        "fp32", "--dtype", rich_help_panel=RUNTIME, help="Weights for inference: fp32 or bf16.",
+    ),
+) -> None:
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if stride is not None and stride < 1:
+        raise UsageError(f"--stride must be at least 1, got {stride}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2 (one token predicts the next), got {max_tokens}")
+    if run is not None and model is not None:
+        raise UsageError("--run evaluates the run's own model; leave out --model")
+    files = list(files or [])
+    if files.count("-") > 1:
+        raise UsageError("stdin ('-') can be read only once")
+    try:
+        _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype)
+    except KeyboardInterrupt:
+        raise GptcliError("interrupted", EXIT_INTERRUPTED) from None
+
+
+def _read_sources(files: list[str], run: str | None) -> list[tuple[str, str]]:
+    """(name, text) of every file to score; stdin when piped and nothing else is given."""
+    from gptcli.commands.sample import read_stdin, stdin_is_piped
+    from gptcli.data import read_text_file
+
+    if not files and run is None:
+        if not stdin_is_piped():
+            raise UsageError("nothing to evaluate: give text FILES, pipe text on stdin, or --run RUN_DIR")
+        files = ["-"]
+    sources = []
+    for name in files:
+        if name == "-":
+            text = read_stdin()
+            if not text.strip():
+                raise UsageError("stdin is empty")
+            sources.append((STDIN, text))
+        else:
+            sources.append((name, read_text_file(name)))
+    return sources
+
+
+def _run(
+    files: list[str],
+    run: str | None,
+    model_spec: str | None,
+    stride: int | None,
+    batch_size: int,
+    max_tokens: int | None,
+    json_output: bool,
+    device_name: str,
+    dtype_name: str,
+) -> None:
+    from gptcli.commands.sample import load_for_inference
+    from gptcli.data import tokenize
+    from gptcli.evaluate import evaluate_run_splits, evaluate_tokens, read_run_settings
+    from gptcli.tokenizer import get_tokenizer
+    from gptcli.ui import console
+
+    if run is not None:
+        read_run_settings(run)  # a clear error before loading anything
+    sources = _read_sources(files, run)  # read (and fail) before the model loads
+    tokenizer = get_tokenizer()
+    model, _, device = load_for_inference(run if run is not None else model_spec, device_name, dtype_name)
+    context_length = model.config.context_length
+    if stride is not None and stride > context_length:
+        raise UsageError(
+            f"--stride must be between 1 and the context length ({context_length}), got {stride}"
+        )
+
+    results: list[EvalResult] = []
+    started = time.perf_counter()
+    if run is not None:
+        console.print(f"scoring the train and val split of {run}", markup=False, highlight=False, soft_wrap=True)
+        results += evaluate_run_splits(model, run, tokenizer, max_tokens, device)
+    for name, text in sources:
+        tokens = tokenize(text, tokenizer)
+        with console.status(f"scoring {name} ({len(tokens):,} tokens)") as status:
+
+            def progress(done: int, total: int, status=status, name=name) -> None:
+                status.update(f"scoring {name}: batch {done}/{total}")
+
+            results.append(evaluate_tokens(
+                model, name, tokens, stride, batch_size, max_tokens, device, on_batch=progress,
+            ))
+    scored = sum(r.tokens for r in results)
+    seconds = time.perf_counter() - started
+    console.print(
+        f"scored {scored:,} tokens in {seconds:.1f} s ({scored / max(seconds, 1e-9):,.0f} tokens/s)",
+        markup=False, highlight=False, soft_wrap=True,
+    )
+    if json_output:
+        for result in results:
+            sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        _print_table(results)
+
+
+def _print_table(results: list[EvalResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    table.add_column("source")
+    for name in ("tokens", "loss", "perplexity"):
+        table.add_column(name, justify="right")
+    for r in results:
+        table.add_row(r.source, f"{r.tokens:,}", f"{r.loss:.4f}", f"{r.perplexity:,.2f}")
+    # The table is the result: stdout (the rest of gptcli's chatter goes to stderr). In a pipe rich
+    # would assume 80 columns and wrap long paths; size it to fit instead.
+    width = None if sys.stdout.isatty() else max(80, max(len(r.source) for r in results) + 50)
+    Console(file=sys.stdout, width=width).print(table)
