@@ -372,32 +372,3 @@ def sequence_logprob(model: GPT, prompt_ids: Sequence[int], new_ids: Sequence[in
         targets = torch.tensor(new_ids, device=inputs.device)
         picked = logprobs[len(prompt_ids) - 1 :].gather(1, targets[:, None])
     return float(picked.sum())
-
-
-def resolve_device(name: str) -> str:
-    """`auto` picks cuda, then mps, then cpu; an unavailable device is a usage error."""
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: no Apple GPU is available")
-    return name
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """Weights' dtype for inference: fp32 (default) or bf16 (half the memory traffic)."""
-    import torch
-
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise UsageError(f"--dtype must be fp32 or bf16, got {name!r}")
-    return dtypes[name]

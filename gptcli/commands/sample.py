@@ -51,7 +51,7 @@ def read_stdin() -> str:
 def load_for_inference(model_spec: str | None, device_name: str, dtype_name: str) -> tuple[GPT, str, str]:
     """The model on the chosen device and dtype, with a loading line on stderr; (model, path, device)."""
     from gptcli.checkpoint import load_model
-    from gptcli.generate import resolve_device, resolve_dtype
+    from gptcli.runtime import resolve_device, resolve_dtype
     from gptcli.ui import console
 
     device = resolve_device(device_name)
