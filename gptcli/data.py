@@ -5,6 +5,10 @@ Text is split by characters (90/10 by default), each part tokenized, and cut int
 training loader shuffles and drops the last partial batch; the validation loader does neither.
 `BatchLoader` draws from torch's global RNG exactly as `torch.utils.data.DataLoader` does, so a
 seeded run reproduces the chapter's, and its epoch order is resumable from a saved seed.
+
+A directory made by `gptcli prepare` gives memory-mapped train/val arrays instead (its split is
+fixed by prepare); windows are read straight from the map. `RandomWindowLoader` is the nanoGPT-style
+alternative to epochs: every step draws windows at random token offsets.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def read_text_file(path: str | Path) -> str:
     if not path.exists():
         raise GptcliError(f"corpus not found: {path}")
     if path.is_dir():
-        raise GptcliError(f"{path} is a directory, not a text file (prepared data needs train.bin)")
+        raise GptcliError(f"{path} is a directory, not a text file")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -60,6 +64,7 @@ class Splits:
     train: np.ndarray
     val: np.ndarray
     source: str
+    vocab_size: int | None = None  # of the tokenizer that made the ids, when known
 
 
 def split_text(text: str, train_ratio: float) -> tuple[str, str]:
@@ -154,22 +159,29 @@ class BatchLoader:
             return None
         return int(torch.empty((), dtype=torch.int64).random_().item())
 
-    def order(self, seed: int | None) -> list[int]:
+    def permutation(self, seed: int | None) -> torch.Tensor | None:
+        """The pass's window order as a tensor (None: in order). Kept as a tensor, not a list: a
+        prepared corpus can have tens of millions of windows."""
         import torch
 
-        n = len(self.dataset)
         if seed is None:
-            return list(range(n))
+            return None
         generator = torch.Generator()
         generator.manual_seed(seed)
-        return torch.randperm(n, generator=generator).tolist()
+        return torch.randperm(len(self.dataset), generator=generator)
+
+    def order(self, seed: int | None) -> list[int]:
+        permutation = self.permutation(seed)
+        return list(range(len(self.dataset))) if permutation is None else permutation.tolist()
 
     def batches(self, seed: int | None, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The pass fixed by `seed`, from batch `start` on. With several ranks, each rank gets its
         contiguous share of every global batch."""
-        order = self.order(seed)
+        permutation = self.permutation(seed)
+        n = len(self.dataset)
         for b in range(start, len(self)):
-            indices = order[b * self.batch_size : (b + 1) * self.batch_size]
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, n)
+            indices = list(range(lo, hi)) if permutation is None else permutation[lo:hi].tolist()
             if self.world_size > 1:
                 per_rank = len(indices) // self.world_size
                 indices = indices[self.rank * per_rank : (self.rank + 1) * per_rank]
@@ -179,6 +191,79 @@ class BatchLoader:
         return self.batches(self.draw_order_seed())
 
 
+class RandomWindowLoader:
+    """nanoGPT-style sampling: each optimizer step takes `batch_size` windows starting at uniformly
+    random token offsets (any offset, not only multiples of the stride).
+
+    Step s draws from a generator seeded with (seed, s) alone, so a resumed run draws what an
+    uninterrupted one does, every rank draws the same global batch (and takes its contiguous share),
+    and torch's global RNG is left alone.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, context_length: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.dataset = WindowDataset(tokens, context_length, 1)  # window i starts at token i
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+
+    def starts(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(0, len(self.dataset), size=self.batch_size)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.starts(step).tolist()
+        if self.world_size > 1:
+            per_rank = len(starts) // self.world_size
+            starts = starts[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return self.dataset.batch(starts)
+
+    def batches(self, first_step: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(first_step, first_step + count):
+            yield self.batch(step)
+
+
+def prepared_splits(directory: str | Path) -> Splits:
+    """The memory-mapped train.bin and val.bin of a `gptcli prepare` directory, checked against its
+    meta.json (an interrupted or altered directory is refused, not half-read)."""
+    from gptcli.prepare import read_meta
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    try:
+        dtype = np.dtype(meta["dtype"])
+        parts = [(meta[name]["file"], int(meta[name]["tokens"])) for name in ("train", "val")]
+        vocab_size = int(meta["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GptcliError(f"{directory / 'meta.json'} is incomplete or invalid ({exc})") from None
+    arrays = []
+    for file, tokens in parts:
+        path = directory / file
+        expected = tokens * dtype.itemsize
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise GptcliError(
+                f"{path} {found} but meta.json says {tokens:,} {dtype} tokens ({expected:,} bytes): the data "
+                "is incomplete or was changed; run `gptcli prepare` again"
+            )
+        # Read-only map: pages come from the file on demand, the corpus is never loaded whole.
+        arrays.append(np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype))
+    return Splits(arrays[0], arrays[1], str(directory), vocab_size)
+
+
+def is_prepared_dir(path: str | Path) -> bool:
+    """A directory given as a corpus is taken for prepared data (and refused clearly if it is not)."""
+    return Path(path).is_dir()
+
+
 def load_splits(corpus: str | Path, tokenizer: tiktoken.Encoding, train_ratio: float = 0.9) -> Splits:
-    """Training and validation tokens of a text file (split by characters, as the chapter does)."""
-    return text_splits(corpus, tokenizer, train_ratio)
+    """Training and validation tokens: of a text file (split by characters, as the chapter does), or
+    the memory-mapped files of a `gptcli prepare` directory (whose split prepare fixed)."""
+    if is_prepared_dir(corpus):
+        return prepared_splits(corpus)
+    splits = text_splits(corpus, tokenizer, train_ratio)
+    splits.vocab_size = tokenizer.n_vocab
+    return splits

@@ -6,6 +6,16 @@
 sample after each epoch, seed 123. Beyond the chapter, all off by default: linear warmup and
 cosine decay, gradient clipping, gradient accumulation, bf16 autocast, torch.compile, DDP.
 
+The corpus is a text file or a `gptcli prepare` directory (memory-mapped tokens). `sampling`
+"epochs" (the chapter's) passes over all windows in a shuffled order each epoch; "random" draws
+every step's windows at random token offsets (nanoGPT-style), for corpora too large for epochs.
+
+Distributed (launched by torchrun, WORLD_SIZE > 1): each rank takes its contiguous share of every
+global batch, DistributedDataParallel averages the gradients, and only rank 0 evaluates, samples and
+writes. Every rank draws from torch's global RNG exactly what a single process would (data order,
+evaluation batches), so shuffling stays in step and rank 0's saved RNG state resumes all of them;
+dropout masks come from a generator seeded by (seed, rank, step), different on every rank.
+
 A run directory holds `model.safetensors`, `trainer.safetensors` (optimizer state and RNG
 states), `trainer.json` (step, epoch, position in the data), `run.json` (the settings),
 `metrics.jsonl`, `loss.png` and `perplexity.png`. Resuming restores all of it, so on CPU a
@@ -20,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +91,7 @@ class TrainSettings:
     save_every: int | None = None
     init: str | None = None
     plots: bool = True
+    sampling: str = "epochs"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -113,6 +124,8 @@ class TrainSettings:
             raise UsageError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.sample_tokens < 0:
             raise UsageError("--sample-tokens must not be negative")
+        if self.sampling not in ("epochs", "random"):
+            raise UsageError(f"--sampling must be epochs or random, got {self.sampling!r}")
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -274,11 +287,50 @@ def init_distributed(device: str) -> tuple[Distributed, str]:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} CUDA device(s) on this node; "
+                "start at most that many processes per node (or use --device cpu)"
+            )
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return Distributed(rank, local_rank, world_size), device
+
+
+def all_agree(flag: bool, device: str) -> bool:
+    """True on every rank when it is True on any (a stop must happen at the same step everywhere, or
+    the ranks that go on wait forever for the others' gradients)."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def rank_dropout_rng(seed: int, dist: Distributed, step: int, device: str) -> Any:
+    """With several ranks: the global RNG, for the forward/backward passes of one step, seeded by
+    (seed, rank, step), then restored. Dropout masks then differ between ranks (the same stream on
+    every rank would repeat one mask across the ranks' sequences) and do not depend on where a run
+    was resumed. A single process keeps the chapter's stream."""
+    if dist.world_size == 1 or device.split(":")[0] not in ("cpu", "cuda"):
+        return nullcontext()
+    import numpy as np
+    import torch
+
+    @contextmanager
+    def seeded() -> Iterator[None]:
+        state = int(np.random.SeedSequence([seed, dist.rank, step]).generate_state(1)[0])
+        cuda = device.startswith("cuda")
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            torch.default_generator.manual_seed(state)
+            if cuda:
+                torch.cuda.manual_seed(state)
+            yield
+
+    return seeded()
 
 
 # --- trainer state ------------------------------------------------------------------------------
@@ -469,16 +521,34 @@ def train(
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> Iterator[Event]:
     """Run (or, with `resume`, continue) training, yielding events. `stop_requested` is polled
-    between optimizer steps; when it returns True the run saves a checkpoint and ends."""
-    import torch
-
-    from gptcli.data import BatchLoader, WindowDataset, check_enough_tokens, load_splits
-    from gptcli.tokenizer import encode, get_tokenizer
-
+    between optimizer steps; when it returns True the run saves a checkpoint and ends. Under
+    torchrun this joins (and finally leaves) the process group."""
     settings.validate()
-    config = settings.config
     device = resolve_device(settings.device)
     dist, device = init_distributed(device)
+    try:
+        yield from _train(settings, resume, stop_requested, dist, device)
+    finally:
+        if dist.world_size > 1:
+            import torch.distributed
+
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+
+def _train(
+    settings: TrainSettings,
+    resume: bool,
+    stop_requested: Callable[[], bool],
+    dist: Distributed,
+    device: str,
+) -> Iterator[Event]:
+    import torch
+
+    from gptcli.data import BatchLoader, RandomWindowLoader, WindowDataset, check_enough_tokens, load_splits
+    from gptcli.tokenizer import encode, get_tokenizer
+
+    config = settings.config
     device_type = device.split(":")[0]
     if settings.precision == "bf16" and device_type == "mps":
         raise UsageError("--precision bf16 is not supported on mps")
@@ -502,6 +572,11 @@ def train(
     tokenizer = get_tokenizer()
     splits = load_splits(settings.corpus, tokenizer, settings.train_ratio)
     check_enough_tokens(splits, config.context_length)
+    if splits.vocab_size and splits.vocab_size > config.vocab_size:
+        raise UsageError(
+            f"--vocab-size {config.vocab_size} is smaller than the data's vocabulary ({splits.vocab_size}): "
+            "its token ids would not fit the embedding"
+        )
     stride = settings.stride or config.context_length
     train_loader = BatchLoader(
         WindowDataset(splits.train, config.context_length, stride),
@@ -517,9 +592,16 @@ def train(
             f"the training split has {len(train_loader.dataset)} windows, fewer than one batch of "
             f"{settings.batch_size}; lower --batch-size or --context-length"
         )
+    # Random sampling has no passes: an "epoch" is as many steps as one pass would take (for the
+    # per-epoch sample, checkpoint and the plots), and --max-steps alone sets the length.
+    random_sampling = settings.sampling == "random"
+    sampler = RandomWindowLoader(
+        splits.train, config.context_length, settings.batch_size, settings.seed, dist.rank, dist.world_size,
+    ) if random_sampling else None
+    epochs = math.inf if random_sampling and settings.max_steps else settings.epochs
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps:
-        total_steps = min(total_steps, settings.max_steps)
+        total_steps = settings.max_steps if random_sampling else min(total_steps, settings.max_steps)
 
     torch.manual_seed(settings.seed)
     model = build_model(settings).to(device)
@@ -550,10 +632,13 @@ def train(
             return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def evaluate(epoch: int, step: int, lr: float) -> Evaluation:
-        # Every rank draws the train loader's order seed, keeping the RNG streams in step.
+    def evaluate(epoch: int, step: int, lr: float) -> Evaluation | None:
+        # Every rank draws the train loader's order seed, keeping the RNG streams in step; only
+        # rank 0 computes the losses (on the global batch size, as a single process would).
         train_seed = train_loader.draw_order_seed()
         val_loader.draw_order_seed()
+        if not dist.is_main:
+            return None
         model.eval()
         with autocast():
             train_loss = mean_batch_loss(
@@ -597,11 +682,18 @@ def train(
     last_eval: Evaluation | None = None
     reason = "completed"
     model.train()
-    while position.epoch < settings.epochs and position.steps_done < total_steps:
-        if position.batch_in_epoch == 0:
-            position.epoch_seed = train_loader.draw_order_seed()
-        for inputs, targets in train_loader.batches(position.epoch_seed, position.batch_in_epoch):
-            if stop_requested():
+    while position.epoch < epochs and position.steps_done < total_steps:
+        if sampler is not None:
+            batches = sampler.batches(position.steps_done, steps_per_epoch - position.batch_in_epoch)
+        else:
+            if position.batch_in_epoch == 0:
+                position.epoch_seed = train_loader.draw_order_seed()
+            batches = train_loader.batches(position.epoch_seed, position.batch_in_epoch)
+        for inputs, targets in batches:
+            stop = stop_requested()
+            if dist.world_size > 1:
+                stop = all_agree(stop, device)
+            if stop:
                 reason = "interrupted"
                 break
             step_started = time.perf_counter()
@@ -611,15 +703,19 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=device)
             inputs, targets = inputs.to(device), targets.to(device)
-            for m in range(accumulation):
-                chunk = slice(m * micro, (m + 1) * micro)
-                sync = m == accumulation - 1 or dist.world_size == 1
-                with (nullcontext() if sync else train_model.no_sync()), autocast():
-                    loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
-                loss.backward()
-                loss_sum += loss.detach()
+            with rank_dropout_rng(settings.seed, dist, position.steps_done, device):
+                for m in range(accumulation):
+                    chunk = slice(m * micro, (m + 1) * micro)
+                    # Gradients are all-reduced only on the last micro-batch's backward.
+                    sync = m == accumulation - 1 or dist.world_size == 1
+                    with (nullcontext() if sync else train_model.no_sync()), autocast():
+                        loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
+                    loss.backward()
+                    loss_sum += loss.detach()
             if dist.world_size > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                # The mean over ranks (gloo has no AVG): every rank reports the global batch's loss.
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
+                loss_sum /= dist.world_size
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
                 raise GptcliError(
@@ -638,15 +734,16 @@ def train(
             yield StepDone(position.epoch + 1, step, position.tokens_seen, loss_value, lr, tokens_per_step / elapsed)
 
             if step % settings.eval_freq == 0:
-                last_eval = evaluate(position.epoch, step, lr)
-                if position.best_val_loss is None or last_eval.val_loss < position.best_val_loss:
-                    position.best_val_loss = last_eval.val_loss
-                if dist.is_main:
+                evaluation = evaluate(position.epoch, step, lr)
+                if evaluation is not None:
+                    last_eval = evaluation
+                    if position.best_val_loss is None or last_eval.val_loss < position.best_val_loss:
+                        position.best_val_loss = last_eval.val_loss
                     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(last_eval.to_dict()) + "\n")
-                yield last_eval
+                    yield last_eval
             if position.steps_done >= total_steps:
-                reason = "max_steps" if total_steps < settings.epochs * steps_per_epoch else "completed"
+                reason = "max_steps" if total_steps < epochs * steps_per_epoch else "completed"
                 break
             if settings.save_every and position.steps_done % settings.save_every == 0:
                 saved = checkpoint()
@@ -660,7 +757,7 @@ def train(
             position.epoch += 1
             position.batch_in_epoch = 0
             position.epoch_seed = None
-            if position.epoch < settings.epochs:
+            if position.epoch < epochs:
                 saved = checkpoint()
                 if saved:
                     yield saved
@@ -680,5 +777,3 @@ def train(
         seconds=seconds, tokens_per_second=trained / seconds if seconds > 0 else 0.0,
         best_val_loss=position.best_val_loss, final=last_eval, files=files,
     )
-    if dist.world_size > 1:
-        torch.distributed.destroy_process_group()

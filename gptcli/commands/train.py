@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,24 @@ RUNTIME = "Runtime and output"
 
 # Options that may change when a run is resumed; everything else comes from its run.json.
 RESUMABLE = {"epochs", "max_steps", "save_every", "device", "json_output", "quiet", "resume", "plots"}
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+@contextmanager
+def _errors_on_rank_zero_only() -> Iterator[None]:
+    """Under torchrun every rank meets the same bad option or input: rank 0 says it, once."""
+    from gptcli.errors import GptcliError
+
+    try:
+        yield
+    except GptcliError as exc:
+        if _rank() != 0:
+            raise typer.Exit(exc.exit_code) from None
+        raise
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -60,6 +82,11 @@ def command(
                                       rich_help_panel=DATA),
     stride: int | None = typer.Option(None, help="Step between windows [default: context length].",
                                       rich_help_panel=DATA),
+    sampling: str = typer.Option(
+        "epochs", help="epochs: shuffled passes over all windows (the chapter's); random: every step draws "
+        "windows at random token offsets (nanoGPT-style; with --max-steps, that alone sets the length).",
+        rich_help_panel=DATA,
+    ),
     epochs: int = typer.Option(10, help="Passes over the training windows.", rich_help_panel=OPTIM),
     batch_size: int = typer.Option(
         2, help="Sequences per optimizer step (summed over processes and accumulation micro-batches).",
@@ -101,7 +128,8 @@ def command(
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast.", rich_help_panel=RUNTIME),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model.", rich_help_panel=RUNTIME),
     nproc: int | None = typer.Option(
-        None, help="Train with this many local processes (DDP through torchrun).", rich_help_panel=RUNTIME,
+        None, help="Train with this many local processes (DDP, launched through torch's own launcher, "
+        "torchrun).", rich_help_panel=RUNTIME,
     ),
     json_output: bool = typer.Option(
         False, "--json", help="One JSON object per evaluation on stdout (and nothing else there).",
@@ -130,81 +158,95 @@ def command(
         from gptcli.distributed import launch
 
         raise typer.Exit(launch(nproc, sys.argv))
+    main_rank = _rank() == 0
+    if not main_rank:  # under torchrun only rank 0 prints
+        quiet, json_output = True, False
 
-    if resume is not None:
-        run_file = resume / RUN_FILE
-        if not run_file.is_file():
-            raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
-        changed = [
-            name for name in ctx.params
-            if name not in RESUMABLE and _given(ctx, name)
-        ]
-        if changed:
-            flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-            raise UsageError(f"{flags} cannot change when resuming; only --epochs, --max-steps, --save-every "
-                             "and --device can")
-        settings = TrainSettings.from_dict(json.loads(run_file.read_text()))
-        settings.out = str(resume)
-        for name in ("epochs", "max_steps", "save_every", "device", "plots"):
-            if _given(ctx, name):
-                setattr(settings, name, ctx.params[name])
-    else:
-        overrides: dict[str, Any] = {
-            "context_length": context_length, "emb_dim": emb_dim, "n_heads": n_heads, "n_layers": n_layers,
-            "drop_rate": drop_rate, "qkv_bias": qkv_bias, "vocab_size": vocab_size, "tie_weights": tie_weights,
-        }
-        if init is not None:
-            explicit = {
-                k: v for k, v in overrides.items() if _given(ctx, k)
-            }
-            config = resolve_init_config(str(init), explicit)
+    with _errors_on_rank_zero_only():
+        if resume is not None:
+            run_file = resume / RUN_FILE
+            if not run_file.is_file():
+                raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
+            changed = [
+                name for name in ctx.params
+                if name not in RESUMABLE and _given(ctx, name)
+            ]
+            if changed:
+                flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+                raise UsageError(f"{flags} cannot change when resuming; only --epochs, --max-steps, --save-every "
+                                 "and --device can")
+            settings = TrainSettings.from_dict(json.loads(run_file.read_text()))
+            settings.out = str(resume)
+            for name in ("epochs", "max_steps", "save_every", "device", "plots"):
+                if _given(ctx, name):
+                    setattr(settings, name, ctx.params[name])
         else:
-            config = get_preset(preset).replace(**overrides)
-        if corpus is None:
-            from gptcli.download import ensure_verdict
+            overrides: dict[str, Any] = {
+                "context_length": context_length, "emb_dim": emb_dim, "n_heads": n_heads, "n_layers": n_layers,
+                "drop_rate": drop_rate, "qkv_bias": qkv_bias, "vocab_size": vocab_size, "tie_weights": tie_weights,
+            }
+            if init is not None:
+                explicit = {
+                    k: v for k, v in overrides.items() if _given(ctx, k)
+                }
+                config = resolve_init_config(str(init), explicit)
+            else:
+                config = get_preset(preset).replace(**overrides)
+            if corpus is None:
+                from gptcli.download import ensure_verdict
 
-            corpus = str(ensure_verdict())
-        settings = TrainSettings(
-            corpus=corpus, config=config, out=str(out) if out else None, epochs=epochs, batch_size=batch_size,
-            micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, schedule=schedule,
-            warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_freq=eval_freq,
-            eval_iter=eval_iter, seed=seed, train_ratio=train_ratio, stride=stride,
-            sample_prompt=sample_prompt, sample_tokens=sample_tokens, device=device, precision=precision,
-            compile=compile, max_steps=max_steps, save_every=save_every, init=str(init) if init else None,
-            plots=plots,
-        )
+                corpus = str(ensure_verdict())
+            elif Path(corpus).is_dir() and _given(ctx, "train_ratio"):
+                raise UsageError("--train-ratio does not apply to prepared data: its split was fixed by "
+                                 "`gptcli prepare --val-ratio`")
+            settings = TrainSettings(
+                corpus=corpus, config=config, out=str(out) if out else None, epochs=epochs, batch_size=batch_size,
+                micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, schedule=schedule,
+                warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_freq=eval_freq,
+                eval_iter=eval_iter, seed=seed, train_ratio=train_ratio, stride=stride,
+                sample_prompt=sample_prompt, sample_tokens=sample_tokens, device=device, precision=precision,
+                compile=compile, max_steps=max_steps, save_every=save_every, init=str(init) if init else None,
+                plots=plots, sampling=sampling,
+            )
 
-    # First Ctrl-C: finish the step, checkpoint, exit 130. Second: abort at once.
-    stop = {"requested": False}
+        # First Ctrl-C: finish the step, checkpoint, exit 130. Second: abort at once. Under torchrun
+        # a Ctrl-C reaches each process twice (from the terminal, then forwarded by the launcher):
+        # a repeat within a second is that echo, not a second Ctrl-C.
+        stop: dict[str, Any] = {"requested": False, "at": 0.0}
+        echo_window = 1.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
 
-    def on_sigint(signum: int, frame: Any) -> None:
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        ui.console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        def on_sigint(signum: int, frame: Any) -> None:
+            if stop["requested"]:
+                if time.monotonic() - stop["at"] < echo_window:
+                    return
+                raise KeyboardInterrupt
+            stop["requested"], stop["at"] = True, time.monotonic()
+            if main_rank:
+                ui.console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    view = ui.TrainView(quiet=quiet)
-    finished: RunFinished | None = None
-    try:
-        for event in train(settings, resume=resume is not None, stop_requested=lambda: stop["requested"]):
-            if isinstance(event, StepDone):
-                view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
-            elif isinstance(event, Evaluation):
-                view.evaluation(event)
-                if json_output:
-                    typer.echo(json.dumps(event.to_dict()))
-            elif isinstance(event, Sample):
-                view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
-            elif isinstance(event, RunStarted):
-                view.start(event)
-            elif isinstance(event, CheckpointSaved):
-                pass
-            elif isinstance(event, RunFinished):
-                finished = event
-    finally:
-        view.finish(finished)
-        signal.signal(signal.SIGINT, previous)
-    if finished is not None and finished.reason == "interrupted":
-        ui.console.print(f"interrupted; continue with: gptcli train --resume {finished.out_dir}")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        view = ui.TrainView(quiet=quiet)
+        finished: RunFinished | None = None
+        try:
+            for event in train(settings, resume=resume is not None, stop_requested=lambda: stop["requested"]):
+                if isinstance(event, StepDone):
+                    view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
+                elif isinstance(event, Evaluation):
+                    view.evaluation(event)
+                    if json_output:
+                        typer.echo(json.dumps(event.to_dict()))
+                elif isinstance(event, Sample):
+                    view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
+                elif isinstance(event, RunStarted):
+                    view.start(event)
+                elif isinstance(event, CheckpointSaved):
+                    pass
+                elif isinstance(event, RunFinished):
+                    finished = event
+        finally:
+            view.finish(finished)
+            signal.signal(signal.SIGINT, previous)
+        if finished is not None and finished.reason == "interrupted":
+            if main_rank:
+                ui.console.print(f"interrupted; continue with: gptcli train --resume {finished.out_dir}")
+            raise typer.Exit(EXIT_INTERRUPTED)

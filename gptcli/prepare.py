@@ -1,0 +1,528 @@
+"""Corpora to token files: the core of `gptcli prepare`.
+
+Every input file (and stdin) is one document. Each document is tokenized with GPT-2's BPE as
+ordinary text (`encode_ordinary`: a literal "<|endoftext|>" inside a document is just text, so a
+corpus cannot inject special tokens), and documents are separated by the `<|endoftext|>` token
+(50256), as in GPT-2's own training data: one between consecutive documents of a split, none before
+the first or after the last. The result is `train.bin` and `val.bin` (flat token ids, uint16,
+memory-mappable with `np.memmap`) and `meta.json`.
+
+Streaming: files are read in blocks of `chunk_size` bytes and decoded incrementally; text is cut
+into chunks only where cutting does not change the tokens (see `safe_cut`), the chunks are tokenized
+by a pool of threads (tiktoken releases the GIL) with a bounded number in flight, and the tokens are
+written in order. Memory stays bounded by about (workers + 2) chunks whatever the corpus size.
+
+Atomicity: tokens go to `*.bin.tmp` files that are renamed when complete, `meta.json` last; an
+existing `meta.json` is removed first when replacing data. A directory without `meta.json`, or whose
+files disagree with it, is refused by `gptcli train`, so an interrupted run never looks complete.
+
+The core never prints: `prepare()` yields events and the command renders them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from gptcli import __version__
+from gptcli.errors import GptcliError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import tiktoken
+
+META_FILE = "meta.json"
+TRAIN_FILE = "train.bin"
+VAL_FILE = "val.bin"
+FORMAT = "gptcli-tokens"
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read per block and characters per tokenized chunk
+EOT_ID = 50256
+SPLIT_MODES = ("auto", "document", "position")
+DTYPES = ("uint16", "uint32")
+
+# What `\s` matches in tiktoken's (Rust) regex: Unicode White_Space. Python's str.isspace() is a
+# superset, which makes `not isspace()` a safe (conservative) test for "not whitespace".
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+_ANY_CUT = re.compile(f"[{re.escape(_WHITESPACE)}](?=\\S)")
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareStarted:
+    out_dir: Path
+    sources: int
+    total_bytes: int | None  # None when reading stdin
+    workers: int
+    split_by: str
+
+
+@dataclass
+class PrepareProgress:
+    bytes_done: int
+    tokens_done: int
+    source: str
+
+
+@dataclass
+class PrepareFinished:
+    out_dir: Path
+    meta: dict[str, Any]
+    seconds: float
+    bytes_read: int
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+
+PrepareEvent = PrepareStarted | PrepareProgress | PrepareFinished
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One document: a file, or stdin (path None)."""
+
+    name: str
+    path: Path | None
+    size: int | None  # bytes; None for stdin until read
+    sha256: str = ""
+    tokens: int = 0
+    split: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.name, "bytes": self.size, "sha256": self.sha256, "tokens": self.tokens,
+                "split": self.split}
+
+
+def collect_sources(inputs: Sequence[str | Path], glob: str = "*.txt", exclude: Path | None = None) -> list[Source]:
+    """Files named, files under directories (recursively, matching `glob`, sorted), and stdin for
+    '-'; each file once. `exclude` (the output directory) is skipped when walking directories."""
+    if not inputs:
+        raise UsageError("no inputs: give text files, directories, or '-' for stdin")
+    if sum(1 for i in inputs if str(i) == STDIN) > 1:
+        raise UsageError("stdin ('-') can be read only once")
+    excluded = exclude.resolve() if exclude is not None else None
+    sources: list[Source] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        resolved = path.resolve()
+        if resolved in seen:
+            return
+        seen.add(resolved)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
+        sources.append(Source(str(path), path, size))
+
+    for item in inputs:
+        if str(item) == STDIN:
+            sources.append(Source(STDIN_NAME, None, None))
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob(glob)
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and (excluded is None or excluded not in p.resolve().parents)
+            )
+            if not found:
+                raise GptcliError(f"no files matching {glob!r} under {path} (change --glob)")
+            for p in found:
+                add(p)
+        elif path.is_file():
+            add(path)
+        elif path.exists():
+            raise GptcliError(f"{path} is neither a file nor a directory")
+        else:
+            raise GptcliError(f"input not found: {path}")
+    return sources
+
+
+# --- chunking -----------------------------------------------------------------------------------
+
+
+def safe_cut(text: str, start: int = 1) -> int:
+    """The last index i >= max(start, 1) at which `text` can be cut so that tokenizing text[:i] and
+    text[i:] separately gives exactly the tokens of text; 0 when there is none.
+
+    Such a place is a whitespace character followed by a non-whitespace one. GPT-2's pre-tokenizer
+    regex (`... | ?\\p{L}+ | ... |\\s+(?!\\S)|\\s`) then ends a piece just before it in the whole text
+    (the run of whitespace before it is one piece; it starts the next) and the halves split into the
+    same pieces, and BPE never merges across pieces. Line breaks are preferred, then spaces.
+    """
+    start = max(start, 1)
+    last = len(text) - 1  # the character after the cut must exist
+    for separator in ("\n", " "):
+        i = text.rfind(separator, start, last)
+        while i >= start:
+            if not text[i + 1].isspace():
+                return i
+            i = text.rfind(separator, start, i)
+    found = 0
+    for match in _ANY_CUT.finditer(text, start, last + 1):
+        found = match.start()
+    return found
+
+
+class _Reader:
+    """A document's text in chunks of about `chunk_size` characters, cut at safe places, with the
+    byte count and sha256 of what was read."""
+
+    def __init__(self, stream: BinaryIO, name: str, chunk_size: int, errors: str) -> None:
+        self.stream = stream
+        self.name = name
+        self.chunk_size = chunk_size
+        self.errors = errors
+        self.bytes_read = 0
+        self.hasher = hashlib.sha256()
+        self.forced_cuts = 0  # cuts with no safe place nearby (tokens at the cut may differ)
+
+    def chunks(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors=self.errors)
+        pending = ""
+        while True:
+            try:
+                block = self.stream.read(self.chunk_size)
+            except OSError as exc:
+                raise GptcliError(f"cannot read {self.name}: {exc.strerror}") from None
+            buffered = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:
+                offset = self.bytes_read - buffered + exc.start
+                raise GptcliError(
+                    f"{self.name} is not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x} at offset "
+                    f"{offset}); pass --errors replace to read it with U+FFFD in place of invalid bytes"
+                ) from None
+            self.bytes_read += len(block)
+            self.hasher.update(block)
+            pending += text
+            while len(pending) >= self.chunk_size:
+                # Prefer a cut in the second half, so chunks stay large; look further back if needed.
+                cut = safe_cut(pending, len(pending) // 2) or safe_cut(pending)
+                if not cut:
+                    if len(pending) < 4 * self.chunk_size:
+                        break  # read more: a safe place may come
+                    # No whitespace at all for megabytes: cutting anywhere may change a few tokens
+                    # at the cut, but memory must stay bounded.
+                    cut = 2 * self.chunk_size
+                    self.forced_cuts += 1
+                yield pending[:cut]
+                pending = pending[cut:]
+            if not block:
+                break
+        if pending:
+            yield pending
+
+
+# --- tokenization and output --------------------------------------------------------------------
+
+
+def _encoder(tokenizer: tiktoken.Encoding, dtype: np.dtype) -> Any:
+    """text -> token array of `dtype`; encode_to_numpy skips building a Python list (and runs
+    without the GIL), equivalent to encode_ordinary when no special token is allowed."""
+    import numpy as np
+
+    if hasattr(tokenizer, "encode_to_numpy"):
+        def encode(text: str) -> np.ndarray:
+            return tokenizer.encode_to_numpy(text, disallowed_special=()).astype(dtype, copy=False)
+    else:  # older tiktoken
+        def encode(text: str) -> np.ndarray:
+            return np.asarray(tokenizer.encode_ordinary(text), dtype=dtype)
+    return encode
+
+
+class _TokenFile:
+    """Token ids appended to a temporary file; documents separated by `<|endoftext|>`."""
+
+    def __init__(self, path: Path, dtype: np.dtype, eot: int) -> None:
+        import numpy as np
+
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/discard)
+        self.dtype = dtype
+        self.eot = np.array([eot], dtype=dtype)
+        self.tokens = 0
+        self.documents = 0
+
+    def write(self, tokens: np.ndarray, new_document: bool) -> None:
+        if new_document:
+            if self.documents:
+                self.file.write(self.eot.tobytes())
+                self.tokens += 1
+            self.documents += 1
+        self.file.write(memoryview(tokens))
+        self.tokens += len(tokens)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+    def discard(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _move_tail(source: _TokenFile, target: _TokenFile, keep: int, block: int = 1 << 20) -> None:
+    """Move tokens keep.. of `source` (closed first, so all of it is on disk) to the end of `target`
+    in blocks (bounded memory), then cut `source` to `keep` tokens."""
+    source.close()
+    itemsize = source.dtype.itemsize
+    with open(source.tmp, "r+b") as handle:
+        handle.seek(keep * itemsize)
+        while data := handle.read(block * itemsize):
+            target.file.write(data)
+        handle.truncate(keep * itemsize)
+        os.fsync(handle.fileno())
+    moved = source.tokens - keep
+    source.tokens = keep
+    target.tokens += moved
+
+
+def check_vocab_fits(vocab_size: int, dtype: str) -> None:
+    import numpy as np
+
+    limit = int(np.iinfo(np.dtype(dtype)).max) + 1
+    if vocab_size > limit:
+        raise UsageError(
+            f"the tokenizer's vocabulary ({vocab_size:,} ids) does not fit {dtype} (at most {limit:,} ids)"
+        )
+
+
+def choose_split(split_by: str, documents: int, val_ratio: float) -> str:
+    """'document' when there are enough documents for the validation share to hold at least one
+    (and at least two documents), else 'position'."""
+    if split_by != "auto":
+        return split_by
+    return "document" if documents >= max(2, math.ceil(1 / val_ratio)) else "position"
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    val_ratio: float = 0.1,
+    split_by: str = "auto",
+    glob: str = "*.txt",
+    workers: int | None = None,
+    errors: str = "strict",
+    force: bool = False,
+    stdin: BinaryIO | None = None,
+    tokenizer: tiktoken.Encoding | None = None,
+    dtype: str = "uint16",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Iterator[PrepareEvent]:
+    """Tokenize `inputs` into `out_dir`/train.bin, val.bin and meta.json, yielding progress events.
+
+    The validation split takes `val_ratio` of the data: by document (a document goes to val.bin
+    whenever val's share of the bytes read so far is below the ratio, so val documents are spread
+    through the corpus), or by position (the last `val_ratio` of all tokens, as the chapter splits
+    its one text). `split_by='auto'` picks by document when there are many documents.
+    """
+    import numpy as np
+
+    if not 0.0 < val_ratio < 1.0:
+        raise UsageError(f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+    if split_by not in SPLIT_MODES:
+        raise UsageError(f"--split-by must be one of {', '.join(SPLIT_MODES)}, got {split_by!r}")
+    if errors not in ("strict", "replace"):
+        raise UsageError(f"--errors must be strict or replace, got {errors!r}")
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if chunk_size < 16:
+        raise UsageError(f"chunk size must be at least 16, got {chunk_size}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    existing = [name for name in (META_FILE, TRAIN_FILE, VAL_FILE) if (out_dir / name).exists()]
+    if existing and not force:
+        raise UsageError(f"{out_dir} already holds prepared data ({', '.join(existing)}); pass --force to replace it")
+    sources = collect_sources(inputs, glob, exclude=out_dir)
+    if tokenizer is None:
+        from gptcli.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    check_vocab_fits(tokenizer.n_vocab, dtype)
+    np_dtype = np.dtype(dtype)
+    eot = tokenizer.eot_token if getattr(tokenizer, "eot_token", None) is not None else EOT_ID
+    mode = choose_split(split_by, len(sources), val_ratio)
+    workers = workers or os.cpu_count() or 1
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Old data goes first, meta.json before anything: from here until the new meta.json is in
+        # place the directory does not look like finished data.
+        for name in (META_FILE, TRAIN_FILE, VAL_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+        train_file = _TokenFile(out_dir / TRAIN_FILE, np_dtype, eot)
+    except OSError as exc:
+        raise GptcliError(f"cannot write to {out_dir}: {exc.strerror}") from None
+
+    total_bytes = None if any(s.path is None for s in sources) else sum(s.size or 0 for s in sources)
+    yield PrepareStarted(out_dir, len(sources), total_bytes, workers, mode)
+
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    encode = _encoder(tokenizer, np_dtype)
+    try:
+        val_file = _TokenFile(out_dir / VAL_FILE, np_dtype, eot)
+    except OSError as exc:
+        train_file.discard()
+        raise GptcliError(f"cannot write to {out_dir}: {exc.strerror}") from None
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptcli-prepare")
+    # (future, target file, source, first chunk of its document?, bytes read when it was cut)
+    in_flight: deque[tuple[Future[np.ndarray], _TokenFile, Source, bool, int]] = deque()
+    max_in_flight = workers + 1
+    started = time.perf_counter()
+    bytes_before = 0  # bytes of the sources already read
+    assigned = {"train": 0, "val": 0}  # bytes of the documents assigned to each split
+    tokens_done = 0
+
+    def write_oldest() -> PrepareProgress:
+        nonlocal tokens_done
+        future, target, source, first, bytes_done = in_flight.popleft()
+        tokens = future.result()
+        target.write(tokens, first)
+        source.tokens += len(tokens)
+        tokens_done += len(tokens)
+        return PrepareProgress(bytes_done, tokens_done, source.name)
+
+    finished = False
+    try:
+        for source in sources:
+            if source.path is None:
+                stream = stdin
+                if stream is None:
+                    import sys
+
+                    stream = sys.stdin.buffer
+                opened = None
+            else:
+                try:
+                    opened = stream = open(source.path, "rb")  # noqa: SIM115
+                except OSError as exc:
+                    raise GptcliError(f"cannot read {source.name}: {exc.strerror}") from None
+            try:
+                reader = _Reader(stream, source.name, chunk_size, errors)
+                target: _TokenFile | None = None
+                for chunk in reader.chunks():
+                    if target is None:  # the document's first chunk: pick its split
+                        if mode == "document" and assigned["val"] < val_ratio * (assigned["train"] + assigned["val"]):
+                            target, source.split = val_file, "val"
+                        else:
+                            target, source.split = train_file, "train" if mode == "document" else None
+                        first = True
+                    in_flight.append((executor.submit(encode, chunk), target, source, first,
+                                      bytes_before + reader.bytes_read))
+                    first = False
+                    while len(in_flight) >= max_in_flight:
+                        yield write_oldest()
+            finally:
+                if opened is not None:
+                    opened.close()
+            source.size = reader.bytes_read
+            source.sha256 = reader.hasher.hexdigest()
+            bytes_before += reader.bytes_read
+            if source.split == "val":
+                assigned["val"] += reader.bytes_read
+            elif target is not None:
+                assigned["train"] += reader.bytes_read
+        while in_flight:
+            yield write_oldest()
+
+        if train_file.tokens + val_file.tokens == 0:
+            raise GptcliError("no text in the inputs: nothing to prepare")
+        if mode == "position":
+            keep = int(train_file.tokens * (1.0 - val_ratio))
+            _move_tail(train_file, val_file, keep)
+        documents = train_file.documents + val_file.documents if mode == "document" else train_file.documents
+        if val_file.tokens == 0 or train_file.tokens == 0:
+            raise GptcliError(
+                f"the {'validation' if val_file.tokens == 0 else 'training'} split is empty "
+                f"({documents} document(s), {train_file.tokens + val_file.tokens} tokens); "
+                "add text, change --val-ratio or use --split-by position"
+            )
+        train_file.close()
+        val_file.close()
+        meta = {
+            "format": FORMAT,
+            "format_version": 1,
+            "tokenizer": getattr(tokenizer, "name", "gpt2"),
+            "vocab_size": tokenizer.n_vocab,
+            "dtype": dtype,
+            "eot_token": eot,
+            "encoding": "encode_ordinary per document; documents separated by <|endoftext|>",
+            "documents": documents,
+            "tokens": train_file.tokens + val_file.tokens,
+            "train": {"file": TRAIN_FILE, "tokens": train_file.tokens,
+                      "documents": train_file.documents if mode == "document" else None},
+            "val": {"file": VAL_FILE, "tokens": val_file.tokens,
+                    "documents": val_file.documents if mode == "document" else None},
+            "split": {"by": mode, "val_ratio": val_ratio},
+            "errors": errors,
+            "bytes": bytes_before,
+            "sources": [s.to_dict() for s in sources],
+            "gptcli_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        from gptcli.checkpoint import atomic_write_text
+
+        os.replace(val_file.tmp, val_file.path)
+        os.replace(train_file.tmp, train_file.path)
+        atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        finished = True
+    except OSError as exc:  # reading errors are GptcliErrors already: this is the output (disk full...)
+        raise GptcliError(f"cannot write {exc.filename or out_dir}: {exc.strerror}") from None
+    finally:
+        executor.shutdown(wait=not finished, cancel_futures=True)
+        if not finished:
+            train_file.discard()
+            val_file.discard()
+    yield PrepareFinished(out_dir, meta, time.perf_counter() - started, bytes_before,
+                          [train_file.path, val_file.path, out_dir / META_FILE])
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The meta.json of a prepared directory, with a clear error when it is missing or broken."""
+    directory = Path(directory)
+    path = directory / META_FILE
+    if not path.is_file():
+        raise GptcliError(
+            f"{directory} has no {META_FILE}: not the output of a finished `gptcli prepare` (an interrupted "
+            "run leaves none); run `gptcli prepare` again"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GptcliError(f"cannot read {path}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GptcliError(f"{path} is not gptcli prepared-data metadata")
+    return meta
