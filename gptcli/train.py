@@ -49,6 +49,7 @@ from gptcli.config import GPTConfig
 from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.paths import RUNS_DIR
+from gptcli.runtime import resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -245,24 +246,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 # --- devices and distributed --------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: no Apple GPU is available")
-    if name not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device must be auto, cpu, cuda or mps, got {name!r}")
-    return name
 
 
 @dataclass
@@ -653,14 +636,13 @@ def _train(
         )
 
     def sample_text() -> str:
+        from gptcli.generate import generate
+
         model.eval()
-        idx = torch.tensor([encode(tokenizer, settings.sample_prompt)], device=device)
-        with torch.no_grad():  # TEMPORARY until gptcli.generate lands
-            for _ in range(settings.sample_tokens):
-                logits = model(idx[:, -config.context_length:], last_only=True)
-                idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        prompt = torch.tensor([encode(tokenizer, settings.sample_prompt)], device=device)
+        new_tokens = generate(model, prompt, max_new_tokens=settings.sample_tokens, stop_at_eos=False)
         model.train()
-        return tokenizer.decode(idx[0].tolist()).replace("\n", " ")
+        return tokenizer.decode(prompt[0].tolist() + new_tokens[0]).replace("\n", " ")
 
     def checkpoint() -> CheckpointSaved | None:
         if not dist.is_main:

@@ -80,7 +80,7 @@ class TrainView:
         )
         self.task = self.progress.add_task(
             "train", total=event.total_steps, completed=event.start_step,
-            epoch=1, epochs=s.epochs, tps="-", loss="-",
+            epoch=1, epochs="-" if s.sampling == "random" else s.epochs, tps="-", loss="-",
         )
         self.live = Live(self._render(), console=console, refresh_per_second=4)
         self.live.start()

@@ -64,9 +64,9 @@ def command(
         256, help="Tokens per training window (the chapter's 256; GPT-2 was trained with 1024).",
         rich_help_panel=MODEL,
     ),
-    emb_dim: int | None = typer.Option(None, help="Embedding width [default: preset's]", rich_help_panel=MODEL),
-    n_heads: int | None = typer.Option(None, help="Attention heads [default: preset's]", rich_help_panel=MODEL),
-    n_layers: int | None = typer.Option(None, help="Transformer blocks [default: preset's]", rich_help_panel=MODEL),
+    emb_dim: int | None = typer.Option(None, help="Embedding width (default: preset's)", rich_help_panel=MODEL),
+    n_heads: int | None = typer.Option(None, help="Attention heads (default: preset's)", rich_help_panel=MODEL),
+    n_layers: int | None = typer.Option(None, help="Transformer blocks (default: preset's)", rich_help_panel=MODEL),
     drop_rate: float = typer.Option(0.1, help="Dropout rate.", rich_help_panel=MODEL),
     qkv_bias: bool = typer.Option(False, help="Bias in the query/key/value projections.", rich_help_panel=MODEL),
     vocab_size: int = typer.Option(50257, help="Vocabulary size (GPT-2 BPE: 50257).", rich_help_panel=MODEL),
@@ -80,7 +80,7 @@ def command(
     ),
     train_ratio: float = typer.Option(0.9, help="Share of the text (by characters) used for training.",
                                       rich_help_panel=DATA),
-    stride: int | None = typer.Option(None, help="Step between windows [default: context length].",
+    stride: int | None = typer.Option(None, help="Step between windows (default: context length).",
                                       rich_help_panel=DATA),
     sampling: str = typer.Option(
         "epochs", help="epochs: shuffled passes over all windows (the chapter's); random: every step draws "
@@ -94,7 +94,7 @@ def command(
     ),
     micro_batch_size: int | None = typer.Option(
         None, help="Sequences per forward/backward pass; smaller than the per-process batch means gradient "
-        "accumulation [default: the whole batch].", rich_help_panel=OPTIM,
+        "accumulation (default: the whole batch).", rich_help_panel=OPTIM,
     ),
     lr: float = typer.Option(4e-4, help="Peak learning rate (AdamW).", rich_help_panel=OPTIM),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay.", rich_help_panel=OPTIM),
@@ -102,7 +102,7 @@ def command(
                                  rich_help_panel=OPTIM),
     warmup_steps: int = typer.Option(0, help="Linear warmup steps (lr/warmup up to --lr).", rich_help_panel=OPTIM),
     min_lr: float = typer.Option(0.0, help="Final learning rate of the cosine decay.", rich_help_panel=OPTIM),
-    grad_clip: float | None = typer.Option(None, help="Clip the gradient norm to this value [default: off].",
+    grad_clip: float | None = typer.Option(None, help="Clip the gradient norm to this value (default: off).",
                                            rich_help_panel=OPTIM),
     max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps.", rich_help_panel=OPTIM),
     seed: int = typer.Option(123, help="Random seed (initialisation, shuffling, dropout).", rich_help_panel=OPTIM),
@@ -113,10 +113,10 @@ def command(
     sample_tokens: int = typer.Option(50, help="Tokens in each epoch's greedy sample (0: none).",
                                       rich_help_panel=LOOP),
     save_every: int | None = typer.Option(
-        None, help="Also checkpoint every this many steps [default: after each epoch and at the end].",
+        None, help="Also checkpoint every this many steps (default: after each epoch and at the end).",
         rich_help_panel=LOOP,
     ),
-    out: Path | None = typer.Option(None, help="Run directory [default: runs/<time>-<corpus>].",
+    out: Path | None = typer.Option(None, help="Run directory (default: runs/<time>-<corpus>).",
                                     rich_help_panel=LOOP),
     resume: Path | None = typer.Option(
         None, help="Continue the run in this directory where it stopped (--epochs/--max-steps may extend it).",
