@@ -19,6 +19,18 @@ OPENAI_TINY = SHARED / "fixtures" / "openai-tiny"
 sys.path.insert(0, str(REPO_ROOT))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The tests' models are tiny: threads gain nothing there, and on a busy machine their hand-offs
+    dominate. (Subprocesses, e.g. the torchrun tests, keep their own settings.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test runs in its own directory with its own gptcli cache and offline tokenizer."""

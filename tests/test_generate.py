@@ -36,15 +36,6 @@ PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def chapter_pair(config: GPTConfig, seed: int = 0) -> tuple[GPTModel, GPT]:
     """The chapter's GPTModel and gptcli's GPT holding the same weights, both in eval mode."""
     torch.manual_seed(seed)

@@ -40,15 +40,6 @@ PIECES = ["word", "the", " ", "  ", "\n", "\n\n", "\r\n", "\t", "'s", "'ll", "do
           "é", "naïve", "日本語", "\u00a0", "\u3000", "\x1c", " \n", "\n ", "😀", "<|endoftext|>", ".", "\u2028"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(inputs, out, **options) -> PrepareFinished:
     events = list(prepare(inputs, out, **options))
     assert isinstance(events[-1], PrepareFinished)
