@@ -180,6 +180,13 @@ class Sample:
 
 
 @dataclass
+class Notice:
+    """Something the user should know that does not stop the run."""
+
+    text: str
+
+
+@dataclass
 class CheckpointSaved:
     path: Path
     step: int
@@ -198,7 +205,7 @@ class RunFinished:
     files: list[Path] = field(default_factory=list)
 
 
-Event = RunStarted | StepDone | Evaluation | Sample | CheckpointSaved | RunFinished
+Event = RunStarted | StepDone | Evaluation | Sample | Notice | CheckpointSaved | RunFinished
 
 
 # --- schedule -----------------------------------------------------------------------------------
@@ -607,6 +614,7 @@ def _train(
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
+    eager_model = train_model
     if settings.compile:
         train_model = torch.compile(train_model)
 
@@ -691,7 +699,15 @@ def _train(
                     # Gradients are all-reduced only on the last micro-batch's backward.
                     sync = m == accumulation - 1 or dist.world_size == 1
                     with (nullcontext() if sync else train_model.no_sync()), autocast():
-                        loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
+                        try:
+                            loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
+                        except Exception as exc:
+                            if train_model is eager_model:
+                                raise
+                            # torch.compile needs a working toolchain; without one, train eagerly.
+                            train_model = eager_model
+                            yield Notice(f"torch.compile failed ({type(exc).__name__}); training without it")
+                            loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
                     loss.backward()
                     loss_sum += loss.detach()
             if dist.world_size > 1:

@@ -371,3 +371,19 @@ def test_no_corpus_trains_on_the_verdict_fetched_once(monkeypatch):
     monkeypatch.setenv("GPTCLI_MIRROR", "/nonexistent-mirror")  # a second run needs no download
     result = runner.invoke(app, [*args, "--out", "second"])
     assert result.exit_code == 0, result.output
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    from gptcli.train import Notice
+
+    def broken_compile(module):
+        def fail(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")  # what a machine without a toolchain raises, in short
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    events = list(train(tiny_settings(tmp_path / "c", epochs=1, compile=True)))
+    assert any(isinstance(e, Notice) and "torch.compile failed" in e.text for e in events)
+    eager = evaluations(train(tiny_settings(tmp_path / "e", epochs=1)))
+    assert [e.to_dict() for e in evaluations(events)] == [e.to_dict() for e in eager]

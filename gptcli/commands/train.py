@@ -145,6 +145,7 @@ def command(
         RUN_FILE,
         CheckpointSaved,
         Evaluation,
+        Notice,
         RunFinished,
         RunStarted,
         Sample,
@@ -235,6 +236,8 @@ def command(
                     view.evaluation(event)
                     if json_output:
                         typer.echo(json.dumps(event.to_dict()))
+                elif isinstance(event, Notice):
+                    view.message(f"[yellow]{event.text}")
                 elif isinstance(event, Sample):
                     view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
                 elif isinstance(event, RunStarted):
