@@ -1,0 +1,27 @@
+"""The benchmark suite keeps running: benchmarks/run.py with tiny shapes (no timing is checked)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import run
+
+
+def test_suite_runs_with_tiny_shapes(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    assert run.main(["--tiny", "--json", str(out), "--only", "train,memory,inference,startup"]) == 0
+    table = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    cases = {(r["case"], r["impl"]) for r in data["results"]}
+    for impl in ("chapter", "gptcli", "nanogpt"):
+        assert ("train fp32 b2", impl) in cases and ("train bf16 b2", impl) in cases
+    assert ("peak memory fp32 b2", "gptcli") in cases
+    assert ("generate 8 tokens", "gptcli bf16") in cases
+    assert ("start-up", "gptcli --help") in cases
+    assert any(case.startswith("eval") for case, _ in cases)
+    for row in data["results"]:
+        assert row["median"] > 0 and row["min"] <= row["median"] <= row["max"], row
+        if row["case"].startswith("generate") and not row["impl"].endswith("bf16") and row["impl"] != "chapter":
+            assert row["note"] == "same tokens as chapter", row  # fp32 decoding: the chapter's tokens
+    assert {t["target"] for t in data["targets"]} >= {"gptcli --help: seconds", "peak memory b2: gptcli / chapter"}
+    assert "gptcli --help" in table and "targets" in table

@@ -1,0 +1,278 @@
+"""gptcli.model's fast paths equal the plain computations they replace: the chunked output layer and
+loss, the CPU attention and dropout functions, the recomputing feed-forward, the decoding kernels
+and the fused AdamW."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gptcli.model as gm
+from gptcli.config import GPTConfig, get_preset
+
+TINY = get_preset("tiny").replace(context_length=64)
+
+
+def clone_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+# --- output layer and loss ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 4 * 50257, 50257])  # one chunk, several, one row each
+def test_lm_head_loss_equals_linear_then_cross_entropy(monkeypatch, chunk):
+    monkeypatch.setattr(gm, "LOSS_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 32, requires_grad=True)
+    weight = (torch.randn(50257, 32) * 0.1).requires_grad_()
+    targets = torch.randint(0, 50257, (37,))
+    targets[[3, 20]] = -100  # not scored
+
+    expected = F.cross_entropy(F.linear(hidden, weight), targets)
+    (expected * 0.5).backward()  # an incoming gradient other than 1, as with accumulation
+    want = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+
+    loss = gm.lm_head_loss(hidden, weight, targets)
+    (loss * 0.5).backward()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(hidden.grad, want[0], atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(weight.grad, want[1], atol=1e-7, rtol=1e-5)
+
+
+def test_lm_head_loss_without_grad_and_with_nothing_scored():
+    hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
+    targets = torch.tensor([1, 2, 3, 4, 5])
+    with torch.no_grad():
+        got = gm.lm_head_loss(hidden, weight, targets)
+    torch.testing.assert_close(got, F.cross_entropy(hidden @ weight.t(), targets))
+    nothing = torch.full((5,), -100)
+    assert math.isnan(gm.lm_head_loss(hidden, weight, nothing).item())
+    assert math.isnan(F.cross_entropy(hidden @ weight.t(), nothing).item())
+
+
+def test_lm_head_loss_under_autocast_matches_autocast_linear(monkeypatch):
+    monkeypatch.setattr(gm, "LOSS_CHUNK_ELEMENTS", 3 * 1000)
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 64, requires_grad=True)
+    weight = (torch.randn(1000, 64) * 0.1).requires_grad_()
+    targets = torch.randint(0, 1000, (10,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    expected.backward()
+    want = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = gm.lm_head_loss(hidden, weight, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden.grad, want[0], atol=1e-3, rtol=2e-2)
+    torch.testing.assert_close(weight.grad, want[1], atol=1e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_loss_and_gradients_equal_the_plain_path(monkeypatch, tie):
+    """A training step of `model(x, targets=y)` (fast loss, recomputing feed-forward) against
+    the logits and F.cross_entropy with every fast path switched off; no dropout, so equal."""
+    config = TINY.replace(drop_rate=0.0, tie_weights=tie)
+    torch.manual_seed(1)
+    model = gm.GPT(config).train()
+    x = torch.randint(0, config.vocab_size, (3, 20))
+    y = torch.randint(0, config.vocab_size, (3, 20))
+
+    monkeypatch.setattr(gm, "_use_cpu_kernels", lambda t: False)
+    plain = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    plain.backward()
+    want = clone_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    monkeypatch.undo()
+    monkeypatch.setattr(gm, "LOSS_CHUNK_ELEMENTS", 7 * config.vocab_size)  # several chunks
+    fast = model(x, targets=y)
+    fast.backward()
+    got = clone_grads(model)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_feed_forward_function_equals_modules():
+    torch.manual_seed(2)
+    ff = gm.FeedForward(TINY).train()
+    x = torch.randn(2, 9, TINY.emb_dim, requires_grad=True)
+    plain = ff.proj(ff.gelu(ff.fc(x)))
+    plain.sum().backward()
+    want = clone_grads(ff), x.grad.clone()
+    ff.zero_grad(set_to_none=True)
+    x.grad = None
+    fast = ff(x)  # training, float32, CPU: the recomputing function
+    fast.sum().backward()
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(x.grad, want[1])
+    for name, grad in want[0].items():
+        torch.testing.assert_close(clone_grads(ff)[name], grad, msg=name)
+
+
+# --- dropout and attention --------------------------------------------------------------------------
+
+
+def test_attention_with_dropout_equals_the_chapter_formula():
+    """Same random numbers, same result: the function against softmax(masked scores) with the mask
+    it draws, differentiated by autograd."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    p = 0.3
+    state = torch.get_rng_state()
+    out = gm.causal_attention_with_dropout(q, k, v, p)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+
+    torch.set_rng_state(state)
+    keep = torch.empty(2, 3, 10, 10).uniform_() >= p
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (torch.softmax(scores, -1) * keep / (1 - p)) @ v
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(got, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_with_dropout_under_autocast_matches_the_formula():
+    torch.manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3))
+    state = torch.get_rng_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gm.causal_attention_with_dropout(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.2)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.set_rng_state(state)
+    keep = torch.empty(2, 2, 12, 12).uniform_() >= 0.2
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (torch.softmax(scores, -1) * keep / 0.8) @ v
+    expected.sum().backward()
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+    for a, b in zip(got, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-1, rtol=5e-2)
+
+
+def test_attention_without_dropout_is_sdpa_and_dropout_rate_is_p():
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    with torch.no_grad():  # no autograd: torch's own kernel
+        torch.testing.assert_close(gm.causal_attention_with_dropout(q, k, v, 0.0),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    drop = torch.nn.Dropout(0.1).train()
+    x = torch.ones(200_000, requires_grad=True)
+    y = gm._dropout(drop, x)
+    assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1 / 0.9)))
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the same scaled mask
+    assert gm._dropout(drop.eval(), x) is x
+
+
+def test_training_with_dropout_is_seeded_and_learns():
+    config = TINY.replace(drop_rate=0.1)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        model = gm.GPT(config).train()
+        optimizer = gm.adamw(model.parameters(), lr=3e-3, weight_decay=0.1)
+        x = torch.randint(0, config.vocab_size, (4, 32))
+        run = []
+        for _ in range(8):
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(x, targets=x.roll(-1, 1))
+            loss.backward()
+            optimizer.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == losses[1]  # same seed, same dropout masks, same run
+    assert losses[0][-1] < losses[0][0] - 1.0
+
+
+# --- decoding -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decoding_linear_equals_module(dtype, rows):
+    torch.manual_seed(6)
+    for out_features in (257, 1024):  # not divisible by the thread count, and divisible
+        layer = torch.nn.Linear(64, out_features).to(dtype)
+        x = torch.randn(rows, 1, 64).to(dtype)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            with torch.inference_mode():
+                got = gm._linear(layer, x)
+                want = F.linear(x, layer.weight, layer.bias)
+        finally:
+            torch.set_num_threads(threads)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_cached_decoding_equals_the_full_forward_pass_in_both_dtypes():
+    config = GPTConfig(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0,
+                       qkv_bias=True, tie_weights=True)
+    torch.manual_seed(7)
+    model = gm.GPT(config).eval()
+    idx = torch.randint(0, 300, (1, 12))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        m = model.to(dtype)
+        with torch.inference_mode():
+            full = m(idx).float()
+            cache = gm.KVCache(config, 1, dtype=dtype)
+            steps = [m(idx[:, :4], cache)] + [m(idx[:, i : i + 1], cache, last_only=True) for i in range(4, 12)]
+        torch.testing.assert_close(torch.cat(steps, 1).float(), full, atol=tol, rtol=tol)
+
+
+def test_packed_weights_follow_weight_updates():
+    layer = torch.nn.Linear(16, 256).to(torch.bfloat16)
+    x = torch.randn(1, 16).to(torch.bfloat16)
+    with torch.inference_mode():
+        first = gm._linear(layer, x)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # a new version of the weight: the packed copy is rebuilt
+    with torch.inference_mode():
+        second = gm._linear(layer, x)
+        torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias))
+    assert not torch.equal(first, second)
+
+
+# --- optimizer ------------------------------------------------------------------------------------------
+
+
+def test_adamw_is_fused_on_cpu_and_equals_the_default():
+    torch.manual_seed(8)
+    a = torch.nn.Linear(8, 8)
+    b = torch.nn.Linear(8, 8)
+    b.load_state_dict(a.state_dict())
+    fast = gm.adamw(a.parameters(), lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert fast.defaults["fused"] is True
+    for _ in range(5):
+        for model, opt in ((a, fast), (b, plain)):
+            opt.zero_grad()
+            model(torch.ones(2, 8)).pow(2).sum().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    assert gm.adamw([torch.zeros(2, requires_grad=True)], foreach=False).defaults["fused"] in (None, False)
