@@ -21,11 +21,9 @@ if TYPE_CHECKING:
 
 
 def batch_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of one batch (the chapter's calc_loss_batch)."""
-    import torch.nn.functional as F
-
-    logits = model(inputs)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean cross-entropy of one batch (the chapter's calc_loss_batch), computed by the model in
+    chunks so the (batch, seq, vocab) logits never exist at once."""
+    return model(inputs, targets=targets)
 
 
 def mean_batch_loss(

@@ -536,6 +536,7 @@ def _train(
     import torch
 
     from gptcli.data import BatchLoader, RandomWindowLoader, WindowDataset, check_enough_tokens, load_splits
+    from gptcli.model import adamw
     from gptcli.tokenizer import encode, get_tokenizer
 
     config = settings.config
@@ -595,8 +596,8 @@ def _train(
 
     torch.manual_seed(settings.seed)
     model = build_model(settings).to(device)
-    # The chapter's optimizer: AdamW over all parameters.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # The chapter's optimizer: AdamW over all parameters (torch's fused kernel where it has one).
+    optimizer = adamw(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
     position = Position()
     if resume:
