@@ -37,3 +37,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise UsageError(f"--dtype must be fp32 or bf16, got {name!r}")
     return dtypes[name]
+
+
+def set_threads(threads: int | None) -> None:
+    """`--threads N`: torch's intra-op threads (default: torch's choice, one per core). Fewer leaves
+    cores to other work; on a busy machine it can also be faster than oversubscribing."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

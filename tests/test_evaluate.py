@@ -136,7 +136,7 @@ def test_files_stdin_and_table(model_file: Path, tmp_path: Path) -> None:
     "args",
     [
         ["--stride", "0"], ["--stride", "65"], ["--batch-size", "0"], ["--max-tokens", "1"],
-        ["--device", "tpu"], ["--dtype", "int8"], ["-", "-"],
+        ["--device", "tpu"], ["--dtype", "int8"], ["-", "-"], ["--threads", "0"],
     ],
 )
 def test_invalid_values_exit_2(model_file: Path, args: list[str]) -> None:

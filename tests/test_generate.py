@@ -263,13 +263,24 @@ def test_no_model_says_how_to_get_one() -> None:
         ["--max-new-tokens", "0"], ["--num-samples", "0"], ["--seed", "-1"],
         ["--beam-width", "2", "--temperature", "0.7"], ["--beam-width", "2", "--num-samples", "3"],
         ["--beam-width", "2", "--stream"], ["--stream", "--json"], ["--device", "tpu"], ["--dtype", "fp16"],
-        ["word " * 80],  # 80 tokens: longer than the tiny model's context of 64
+        ["--threads", "0"], ["word " * 80],  # 80 tokens: longer than the tiny model's context of 64
     ],
 )
 def test_invalid_values_exit_2(model_file: Path, args: list[str]) -> None:
     result = invoke("-m", str(model_file), *args)
     assert result.exit_code == 2, result.output
     assert result.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
+
+
+def test_threads_sets_torchs_thread_count(model_file: Path) -> None:
+    import torch
+
+    try:
+        result = invoke("Hi", "-m", str(model_file), "-n", "3", "--threads", "2")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)  # the suite's setting (conftest)
 
 
 def test_json_output(model_file: Path) -> None:

@@ -137,7 +137,7 @@ def test_attention_with_dropout_equals_the_chapter_formula():
         t.grad = None
 
     torch.set_rng_state(state)
-    keep = torch.empty(2, 3, 10, 10).uniform_() >= p
+    keep = ~gm._drop_mask(torch.Size([2, 3, 10, 10]), p, torch.device("cpu"))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     expected = (torch.softmax(scores, -1) * keep / (1 - p)) @ v
@@ -159,7 +159,7 @@ def test_attention_with_dropout_under_autocast_matches_the_formula():
     for t in (q, k, v):
         t.grad = None
     torch.set_rng_state(state)
-    keep = torch.empty(2, 2, 12, 12).uniform_() >= 0.2
+    keep = ~gm._drop_mask(torch.Size([2, 2, 12, 12]), 0.2, torch.device("cpu"))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
     expected = (torch.softmax(scores, -1) * keep / 0.8) @ v
@@ -183,6 +183,19 @@ def test_attention_without_dropout_is_sdpa_and_dropout_rate_is_p():
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient is the same scaled mask
     assert gm._dropout(drop.eval(), x) is x
+
+
+@pytest.mark.parametrize(("p", "shape"), [(0.1, (1000, 400)), (0.5, (999, 401)), (0.002, (1000, 400))])
+def test_drop_masks_have_the_rate_everywhere(p, shape):
+    """The 16-bit path (and the uniform_ fallback for odd sizes and small rates): the rate holds
+    overall and at each of the four positions that share one 64-bit draw."""
+    torch.manual_seed(0)
+    mask = gm._drop_mask(torch.Size(shape), p, torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    tolerance = 5 * math.sqrt(p * (1 - p) / (mask.numel() / 4))  # five standard deviations
+    by_position = mask.flatten()[: mask.numel() // 4 * 4].view(-1, 4).float().mean(0)
+    assert torch.all((by_position - p).abs() < tolerance), by_position
+    assert mask.float().mean().item() == pytest.approx(p, abs=tolerance / 2)
 
 
 def test_training_with_dropout_is_seeded_and_learns():

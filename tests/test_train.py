@@ -158,6 +158,8 @@ def test_missing_corpus_and_bad_options():
     assert result.exit_code == 2 and "--batch-size must be at least 1" in result.output
     result = runner.invoke(app, ["train", str(VERDICT), "--schedule", "linear"])
     assert result.exit_code == 2 and "--schedule" in result.output
+    result = runner.invoke(app, ["train", str(VERDICT), "--threads", "0"])
+    assert result.exit_code == 2 and "--threads must be at least 1" in result.output
 
 
 def test_schedule_warmup_then_cosine():

@@ -49,7 +49,13 @@ def command(
     dtype: str = typer.Option(
         "fp32", "--dtype", rich_help_panel=RUNTIME, help="Weights for inference: fp32 or bf16.",
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", show_default=False, rich_help_panel=RUNTIME,
+        help="CPU threads for torch (default: one per core).",
+    ),
 ) -> None:
+    from gptcli.runtime import set_threads
+
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if stride is not None and stride < 1:
@@ -61,6 +67,7 @@ def command(
     files = list(files or [])
     if files.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
+    set_threads(threads)
     try:
         _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype)
     except KeyboardInterrupt:

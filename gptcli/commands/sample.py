@@ -211,8 +211,13 @@ def command(
     dtype: str = typer.Option(
         "fp32", "--dtype", rich_help_panel=RUNTIME, help="Weights for inference: fp32 or bf16.",
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", show_default=False, rich_help_panel=RUNTIME,
+        help="CPU threads for torch (default: one per core).",
+    ),
 ) -> None:
     from gptcli.generate import DecodeSettings
+    from gptcli.runtime import set_threads
 
     settings = DecodeSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -220,6 +225,7 @@ def command(
     )
     settings.validate()
     _check_options(settings, num_samples, seed, stream, json_output)
+    set_threads(threads)
     try:
         _run(prompt, model, settings, num_samples, seed, each_line, stream, completion_only, json_output,
              verbose, device, dtype)

@@ -23,7 +23,7 @@ LOOP = "Evaluation, samples and checkpoints"
 RUNTIME = "Runtime and output"
 
 # Options that may change when a run is resumed; everything else comes from its run.json.
-RESUMABLE = {"epochs", "max_steps", "save_every", "device", "json_output", "quiet", "resume", "plots"}
+RESUMABLE = {"epochs", "max_steps", "save_every", "device", "json_output", "quiet", "resume", "plots", "threads"}
 
 
 def _rank() -> int:
@@ -127,6 +127,10 @@ def command(
                                rich_help_panel=RUNTIME),
     precision: str = typer.Option("fp32", help="fp32, or bf16 autocast.", rich_help_panel=RUNTIME),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model.", rich_help_panel=RUNTIME),
+    threads: int | None = typer.Option(
+        None, "--threads", show_default=False, rich_help_panel=RUNTIME,
+        help="CPU threads for torch per process (default: one per core; under --nproc, cores / processes).",
+    ),
     nproc: int | None = typer.Option(
         None, help="Train with this many local processes (DDP, launched through torch's own launcher, "
         "torchrun).", rich_help_panel=RUNTIME,
@@ -164,6 +168,9 @@ def command(
         quiet, json_output = True, False
 
     with _errors_on_rank_zero_only():
+        from gptcli.runtime import set_threads
+
+        set_threads(threads)
         if resume is not None:
             run_file = resume / RUN_FILE
             if not run_file.is_file():
@@ -174,8 +181,8 @@ def command(
             ]
             if changed:
                 flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-                raise UsageError(f"{flags} cannot change when resuming; only --epochs, --max-steps, --save-every "
-                                 "and --device can")
+                raise UsageError(f"{flags} cannot change when resuming; only --epochs, --max-steps, --save-every, "
+                                 "--device and --threads can")
             settings = TrainSettings.from_dict(json.loads(run_file.read_text()))
             settings.out = str(resume)
             for name in ("epochs", "max_steps", "save_every", "device", "plots"):
