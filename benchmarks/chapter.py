@@ -129,33 +129,47 @@ def config_dict(config) -> dict:
             ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")}
 
 
-def to_gptcli_state_dict(chapter_state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """Map the chapter's parameter names onto gptcli's (fusing W_query/W_key/W_value)."""
-    out = {
-        "tok_emb.weight": chapter_state["tok_emb.weight"],
-        "pos_emb.weight": chapter_state["pos_emb.weight"],
-        "final_norm.weight": chapter_state["final_norm.scale"],
-        "final_norm.bias": chapter_state["final_norm.shift"],
-        "out_head.weight": chapter_state["out_head.weight"],
-    }
+QKV = ("query", "key", "value")
+
+
+def _name_pairs(n_layers: int) -> list[tuple[str, str]]:
+    """(chapter name, gptcli name) of every parameter except the query/key/value projections, which
+    gptcli fuses into one."""
+    pairs = [("tok_emb.weight", "tok_emb.weight"), ("pos_emb.weight", "pos_emb.weight"),
+             ("final_norm.scale", "final_norm.weight"), ("final_norm.shift", "final_norm.bias"),
+             ("out_head.weight", "out_head.weight")]
     for i in range(n_layers):
-        src, dst = f"trf_blocks.{i}.", f"blocks.{i}."
-        out[dst + "att.qkv.weight"] = torch.cat(
-            [chapter_state[src + f"att.W_{n}.weight"] for n in ("query", "key", "value")]
-        )
-        if src + "att.W_query.bias" in chapter_state:
-            out[dst + "att.qkv.bias"] = torch.cat(
-                [chapter_state[src + f"att.W_{n}.bias"] for n in ("query", "key", "value")]
-            )
-        for name in ("out_proj.weight", "out_proj.bias"):
-            out[dst + "att." + name] = chapter_state[src + "att." + name]
-        out[dst + "ff.fc.weight"] = chapter_state[src + "ff.layers.0.weight"]
-        out[dst + "ff.fc.bias"] = chapter_state[src + "ff.layers.0.bias"]
-        out[dst + "ff.proj.weight"] = chapter_state[src + "ff.layers.2.weight"]
-        out[dst + "ff.proj.bias"] = chapter_state[src + "ff.layers.2.bias"]
+        c, g = f"trf_blocks.{i}.", f"blocks.{i}."
+        pairs += [(c + "att.out_proj.weight", g + "att.out_proj.weight"),
+                  (c + "att.out_proj.bias", g + "att.out_proj.bias"),
+                  (c + "ff.layers.0.weight", g + "ff.fc.weight"), (c + "ff.layers.0.bias", g + "ff.fc.bias"),
+                  (c + "ff.layers.2.weight", g + "ff.proj.weight"), (c + "ff.layers.2.bias", g + "ff.proj.bias")]
         for norm in ("norm1", "norm2"):
-            out[dst + f"{norm}.weight"] = chapter_state[src + f"{norm}.scale"]
-            out[dst + f"{norm}.bias"] = chapter_state[src + f"{norm}.shift"]
+            pairs += [(c + f"{norm}.scale", g + f"{norm}.weight"), (c + f"{norm}.shift", g + f"{norm}.bias")]
+    return pairs
+
+
+def to_gptcli_state_dict(chapter_state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """The chapter's parameters under gptcli's names (W_query/W_key/W_value fused into qkv)."""
+    out = {g: chapter_state[c] for c, g in _name_pairs(n_layers)}
+    for i in range(n_layers):
+        for kind in ("weight", "bias"):
+            names = [f"trf_blocks.{i}.att.W_{n}.{kind}" for n in QKV]
+            if names[0] in chapter_state:
+                out[f"blocks.{i}.att.qkv.{kind}"] = torch.cat([chapter_state[n] for n in names])
+    return out
+
+
+def from_gptcli_state_dict(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """gptcli's parameters under the chapter's names (qkv split; a tied head becomes a copy)."""
+    out = {c: state[g] for c, g in _name_pairs(n_layers) if g != "out_head.weight"}
+    out["out_head.weight"] = state.get("out_head.weight", state["tok_emb.weight"]).clone()
+    for i in range(n_layers):
+        for kind in ("weight", "bias"):
+            fused = state.get(f"blocks.{i}.att.qkv.{kind}")
+            if fused is not None:
+                for part, name in zip(fused.chunk(3), QKV, strict=True):
+                    out[f"trf_blocks.{i}.att.W_{name}.{kind}"] = part
     return out
 
 

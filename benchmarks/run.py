@@ -476,7 +476,7 @@ class Suite:
 
     # -- generation and evaluation share the GPT-2 124M weights
     def _inference_models(self) -> dict[str, Any]:
-        from benchmarks.chapter import GPTModel, config_dict
+        from benchmarks.chapter import GPTModel, config_dict, from_gptcli_state_dict
         from gptcli.model import GPT
 
         config = gpt2_config(self.plan.tiny)
@@ -731,32 +731,6 @@ def transformers_version() -> str | None:
 
 
 # --- weights shared by the implementations ---------------------------------------------------------
-
-
-def from_gptcli_state_dict(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """gptcli's parameter names onto the chapter's (splitting qkv); a tied head becomes a copy."""
-    out = {
-        "tok_emb.weight": state["tok_emb.weight"], "pos_emb.weight": state["pos_emb.weight"],
-        "final_norm.scale": state["final_norm.weight"], "final_norm.shift": state["final_norm.bias"],
-        "out_head.weight": state.get("out_head.weight", state["tok_emb.weight"]).clone(),
-    }
-    for i in range(n_layers):
-        src, dst = f"blocks.{i}.", f"trf_blocks.{i}."
-        for part, name in zip(state[src + "att.qkv.weight"].chunk(3), ("query", "key", "value"), strict=True):
-            out[dst + f"att.W_{name}.weight"] = part
-        if src + "att.qkv.bias" in state:
-            for part, name in zip(state[src + "att.qkv.bias"].chunk(3), ("query", "key", "value"), strict=True):
-                out[dst + f"att.W_{name}.bias"] = part
-        for name in ("out_proj.weight", "out_proj.bias"):
-            out[dst + "att." + name] = state[src + "att." + name]
-        out[dst + "ff.layers.0.weight"] = state[src + "ff.fc.weight"]
-        out[dst + "ff.layers.0.bias"] = state[src + "ff.fc.bias"]
-        out[dst + "ff.layers.2.weight"] = state[src + "ff.proj.weight"]
-        out[dst + "ff.layers.2.bias"] = state[src + "ff.proj.bias"]
-        for norm in ("norm1", "norm2"):
-            out[dst + f"{norm}.scale"] = state[src + f"{norm}.weight"]
-            out[dst + f"{norm}.shift"] = state[src + f"{norm}.bias"]
-    return out
 
 
 def hf_gpt2(config, state: dict[str, torch.Tensor]):
