@@ -503,19 +503,13 @@ class Suite:
 
     def generation(self, models: dict[str, Any]) -> None:
         from benchmarks.chapter import generate_text
+        from gptcli.generate import generate as gptcli_generate
 
         config = models["config"]
         prompt = torch.tensor([PROMPT])
-        try:
-            from gptcli.generate import generate as gptcli_generate
-        except ImportError:  # pragma: no cover - before gptcli.generate existed
-            gptcli_generate = None
-            self.notes.append("gptcli.generate is missing: gptcli's decoding ran as a local KV-cached loop")
 
         def gptcli_fn(model, n: int) -> Callable[[], list[int]]:
-            if gptcli_generate is not None:
-                return lambda: gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0]
-            return lambda: cached_greedy(model, prompt, n)
+            return lambda: gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0]
 
         def hf_fn(model, n: int) -> Callable[[], list[int]]:
             def run() -> list[int]:
@@ -760,23 +754,6 @@ def hf_gpt2(config, state: dict[str, torch.Tensor]):
     if missing or unexpected:
         raise RuntimeError(f"HF weights: missing {missing}, unexpected {unexpected}")
     return hf
-
-
-def cached_greedy(model, prompt: torch.Tensor, n: int) -> list[int]:
-    """KV-cached greedy decoding through gptcli.model's public API (used only without gptcli.generate)."""
-    from gptcli.model import KVCache
-
-    weight = model.tok_emb.weight
-    cache = KVCache(model.config, 1, prompt.shape[1] + n, dtype=weight.dtype)
-    with torch.inference_mode():
-        logits = model(prompt, cache, last_only=True)
-        out = []
-        for _ in range(n):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            out.append(int(token))
-            if len(out) < n:
-                logits = model(token, cache, last_only=True)
-    return out
 
 
 # --- child process: peak memory of a few training steps -------------------------------------------
