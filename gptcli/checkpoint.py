@@ -99,23 +99,89 @@ def resolve_model_path(spec: str | Path | None) -> Path:
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """A safetensors file's metadata and tensor shapes, from its header alone (no tensor is read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            return dict(handle.metadata() or {}), shapes
     except Exception as exc:
         raise GptcliError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
-def load_config(path: str | Path) -> GPTConfig:
-    metadata = read_metadata(path)
+def read_metadata(path: str | Path) -> dict[str, str]:
+    return read_header(path)[0]
+
+
+def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a model file of `config` holds (the tied head omitted)."""
+    c = config.emb_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_emb.weight": (config.vocab_size, c),
+        "pos_emb.weight": (config.context_length, c),
+    }
+    for i in range(config.n_layers):
+        p = f"blocks.{i}."
+        shapes[p + "att.qkv.weight"] = (3 * c, c)
+        if config.qkv_bias:
+            shapes[p + "att.qkv.bias"] = (3 * c,)
+        shapes[p + "att.out_proj.weight"] = (c, c)
+        shapes[p + "att.out_proj.bias"] = (c,)
+        shapes[p + "ff.fc.weight"] = (4 * c, c)
+        shapes[p + "ff.fc.bias"] = (4 * c,)
+        shapes[p + "ff.proj.weight"] = (c, 4 * c)
+        shapes[p + "ff.proj.bias"] = (c,)
+        for norm in ("norm1", "norm2"):
+            shapes[p + norm + ".weight"] = (c,)
+            shapes[p + norm + ".bias"] = (c,)
+    shapes["final_norm.weight"] = (c,)
+    shapes["final_norm.bias"] = (c,)
+    if not config.tie_weights:
+        shapes["out_head.weight"] = (config.vocab_size, c)
+    return shapes
+
+
+def check_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], source: str | Path) -> None:
+    """The file's tensors are exactly what `config` builds; checked before the model is allocated."""
+    expected = model_shapes(config)
+    if config.tie_weights and "out_head.weight" in shapes:  # a tied head stored anyway: must fit
+        expected["out_head.weight"] = (config.vocab_size, config.emb_dim)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [name for name in expected if name in shapes and shapes[name] != expected[name]]
+    if not (missing or unexpected or mismatched):
+        return
+    if mismatched:
+        name = mismatched[0]
+        detail = f"{name} has shape {list(shapes[name])}, the config needs {list(expected[name])}"
+    else:
+        detail = f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}"
+    raise GptcliError(
+        f"{source}: the model config in its metadata does not match its tensors ({detail}; config "
+        f"{config.n_layers} layers, emb_dim {config.emb_dim}, vocab {config.vocab_size}, "
+        f"context {config.context_length})"
+    )
+
+
+def _config_from_metadata(metadata: dict[str, str], path: str | Path) -> GPTConfig:
     if "config" not in metadata:
         raise GptcliError(
             f"{path} has no gptcli model config in its metadata; convert foreign weights with `gptcli convert`"
         )
-    return GPTConfig.from_json(metadata["config"])
+    try:
+        return GPTConfig.from_json(metadata["config"])
+    except GptcliError as exc:
+        raise GptcliError(f"{path}: bad model config in its metadata: {exc.message}") from None
+
+
+def load_config(path: str | Path) -> GPTConfig:
+    """The model config stored in a gptcli model file, checked against the file's tensor shapes."""
+    metadata, shapes = read_header(path)
+    config = _config_from_metadata(metadata, path)
+    check_shapes(config, shapes, path)
+    return config
 
 
 def load_model(
@@ -129,9 +195,13 @@ def load_model(
     from gptcli.model import GPT
 
     path = resolve_model_path(spec)
-    config = load_config(path)
+    config = load_config(path)  # checked against the file's shapes: no allocation for a lying config
     model = GPT(config)
-    load_weights(model, load_file(str(path)), path)
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors' own error types, e.g. for a truncated file
+        raise GptcliError(f"{path} is not a readable safetensors file ({exc})") from None
+    load_weights(model, state, path)
     model.to(device=device, dtype=dtype).eval()
     return model, path
 

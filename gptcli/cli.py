@@ -1,47 +1,137 @@
 """The `gptcli` command: a thin Typer app. Each subcommand lives in `gptcli/commands/` and imports
-torch and other heavy modules only when it runs, so `gptcli --help` stays instant."""
+torch and other heavy modules only when it runs, so `gptcli --help` stays instant.
+
+Every error reaches the user as one line, `error: ...` on stderr, with a shell-style exit code:
+usage errors (Typer's own, and the shared number check below) exit 2, `GptcliError`s their code.
+Both are handled here, for every command registered on the app, so a new command gets them too.
+"""
 
 from __future__ import annotations
 
-import functools
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
+
+try:  # newer typer carries its own copy of click
+    from typer._click import core as click_core
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - typer that uses click itself
+    from click import core as click_core  # type: ignore[no-redef]
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 
 from gptcli import __version__
 from gptcli.commands import convert, evaluate, fetch, prepare, sample, train
-from gptcli.errors import GptcliError
+from gptcli.errors import EXIT_USAGE, GptcliError
+
+INT64_MAX = 2**63 - 1  # what torch and numpy index with: a larger int option is a typo, not a request
+
+
+class _NumberError(click_errors.UsageError):
+    """A number option out of what any command accepts (its message is complete as it is)."""
+
+
+def _option_name(param: click_core.Parameter) -> str:
+    """How the user wrote the parameter: its long option (`--top-p`), or an argument's name."""
+    longs = [opt for opt in param.opts if opt.startswith("--")]
+    return max(longs, key=len) if longs else (param.human_readable_name or str(param.name))
+
+
+def _check_number(param: click_core.Parameter, value: Any) -> None:
+    """The check every number option shares: floats finite, ints within 64 bits."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for item in values:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise _NumberError(f"{_option_name(param)} must be a finite number, got {item}")
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT64_MAX:
+            raise _NumberError(
+                f"{_option_name(param)} must be between {-INT64_MAX} and {INT64_MAX}, got {item}"
+            )
+
+
+def _add_number_check(param: click_core.Parameter) -> None:
+    """Run `_check_number` on the parsed value, before the parameter's own callback and the command."""
+    original = param.callback
+
+    def checked(ctx: click_core.Context, param: click_core.Parameter, value: Any) -> Any:
+        if value is not None:
+            _check_number(param, value)
+        return original(ctx, param, value) if original is not None else value
+
+    param.callback = checked
+
+
+def _add_number_checks(command: click_core.Command) -> None:
+    for sub in getattr(command, "commands", {}).values():  # a group's subcommands
+        _add_number_checks(sub)
+    for param in command.params:
+        if not getattr(param, "_gptcli_checked", False):
+            _add_number_check(param)
+            param._gptcli_checked = True  # type: ignore[attr-defined]
+
+
+def _usage_line(exc: click_errors.ClickException) -> str:
+    """Click's message on one line, pointing at the command's --help for usage errors."""
+    text = exc.format_message().replace("Value error, ", "")  # pydantic's prefix in typer's messages
+    message = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click_errors.UsageError) and not isinstance(exc, _NumberError) and ctx is not None:
+        message += f" (see `{ctx.command_path} --help`)"
+    return message
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The app's group: number checks on every command's options, and every error as one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_number_checks(self)
+
+    def add_command(self, cmd: click_core.Command, name: str | None = None) -> None:
+        super().add_command(cmd, name)
+        _add_number_checks(cmd)
+
+    def main(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any
+    ) -> Any:
+        if not extra.pop("standalone_mode", True):
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as exc:
+            sys.exit(exc.exit_code)  # the help is already printed
+        except click_errors.ClickException as exc:
+            _error(_usage_line(exc), exc.exit_code)
+        except typer.Abort:
+            _error("aborted", 1)
+        except GptcliError as exc:
+            _error(exc.message, exc.exit_code)
+        except BrokenPipeError:
+            # `gptcli ... | head`: the reader left; exit quietly like other Unix tools.
+            sys.stderr.close()
+            sys.exit(141)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _error(message: str, exit_code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
+
 
 app = typer.Typer(
     name="gptcli",
+    cls=OneLineErrorsGroup,
     help="Pretrain GPT-2-style language models from scratch and load OpenAI's GPT-2 weights.\n\n"
-    "Results go to stdout, progress and logs to stderr.",
+    "Results go to stdout, progress and logs to stderr. An error is one line, `error: ...`, on stderr, "
+    f"and a non-zero exit code ({EXIT_USAGE} for bad usage or input).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a GptcliError into `error: ...` on stderr and its exit code, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except GptcliError as exc:
-            typer.echo(f"error: {exc.message}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except BrokenPipeError:
-            # `gptcli ... | head`: the reader left; exit quietly like other Unix tools.
-            sys.stderr.close()
-            raise typer.Exit(141) from None
-
-    return wrapper
-
 
 for _name, _module in (
     ("fetch", fetch),
@@ -51,7 +141,7 @@ for _name, _module in (
     ("sample", sample),
     ("convert", convert),
 ):
-    app.command(_name, help=_module.__doc__)(_one_line_errors(_module.command))
+    app.command(_name, help=_module.__doc__)(_module.command)
 
 
 def _version(value: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -48,15 +49,39 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """A config from stored JSON: unknown fields and wrong types are errors, not surprises later."""
+        if not isinstance(data, dict):
+            raise UsageError(f"the model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise UsageError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        for name, value in data.items():
+            if not _has_type(value, str(known[name])):
+                raise UsageError(f"model config field {name} must be {_KINDS[str(known[name])]}, got {value!r}")
+        return cls(**{k: float(v) if known[k] == "float" else v for k, v in data.items()})
 
     @classmethod
     def from_json(cls, text: str) -> GPTConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"the model config is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+_KINDS = {"int": "an integer", "float": "a finite number", "bool": "true or false"}
+
+
+def _has_type(value: Any, kind: str) -> bool:
+    """JSON's value fits the field (`from __future__ import annotations` makes types strings)."""
+    if isinstance(value, bool):  # an int to Python, not to a config
+        return kind == "bool"
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return False
 
 
 # GPT-2's released shapes (vocab 50257, context 1024, qkv bias, tied head) are converted by

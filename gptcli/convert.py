@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcli.checkpoint import FORMAT, MODEL_FILE, atomic_write, read_metadata
+from gptcli.checkpoint import FORMAT, MODEL_FILE, atomic_write, model_shapes, read_metadata
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError, UsageError
 
@@ -377,34 +377,6 @@ class Plan:
         return sum(4 * math.prod(t.shape) for t in self.tensors)
 
 
-def gptcli_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """gptcli's state dict shapes (the tied head omitted, as checkpoint files store it)."""
-    c = config.emb_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "tok_emb.weight": (config.vocab_size, c),
-        "pos_emb.weight": (config.context_length, c),
-    }
-    for i in range(config.n_layers):
-        p = f"blocks.{i}."
-        shapes[p + "att.qkv.weight"] = (3 * c, c)
-        if config.qkv_bias:
-            shapes[p + "att.qkv.bias"] = (3 * c,)
-        shapes[p + "att.out_proj.weight"] = (c, c)
-        shapes[p + "att.out_proj.bias"] = (c,)
-        shapes[p + "ff.fc.weight"] = (4 * c, c)
-        shapes[p + "ff.fc.bias"] = (4 * c,)
-        shapes[p + "ff.proj.weight"] = (c, 4 * c)
-        shapes[p + "ff.proj.bias"] = (c,)
-        for norm in ("norm1", "norm2"):
-            shapes[p + norm + ".weight"] = (c,)
-            shapes[p + norm + ".bias"] = (c,)
-    shapes["final_norm.weight"] = (c,)
-    shapes["final_norm.bias"] = (c,)
-    if not config.tie_weights:
-        shapes["out_head.weight"] = (config.vocab_size, c)
-    return shapes
-
-
 def _gpt2_block_names(i: int) -> dict[str, tuple[str, bool]]:
     """gptcli name -> (GPT-2 name relative to block i, is a Conv1D weight to transpose)."""
     p = f"blocks.{i}."
@@ -543,7 +515,7 @@ def openai_plan(source: Path, verify_checksums: bool = True) -> Plan:
         hparams_path,
     )
     bundle = TensorBundle(prefix, verify_checksums=verify_checksums)
-    shapes = gptcli_shapes(config)
+    shapes = model_shapes(config)
     tensors: list[TensorPlan] = []
     for ours, (theirs, transpose) in _openai_to_gptcli_names(config).items():
         entry = bundle.check(theirs)
@@ -646,7 +618,7 @@ def hf_plan(source: Path) -> Plan:
     )
     # Hub checkpoints name tensors with or without the `transformer.` prefix.
     lookup = {name.removeprefix("transformer."): name for name in files}
-    shapes = gptcli_shapes(config)
+    shapes = model_shapes(config)
     tensors: list[TensorPlan] = []
     for ours, (theirs, transpose) in _hf_to_gptcli_names(config).items():
         stored = lookup.get(theirs)
@@ -673,7 +645,7 @@ def gptcli_plan(source: Path) -> Plan:
     path = resolve_model_path(source)
     config = load_config(path)
     names = _safetensors_names(path)
-    shapes = gptcli_shapes(config)
+    shapes = model_shapes(config)
     tensors = []
     for name, shape in shapes.items():
         if name not in names:
