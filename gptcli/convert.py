@@ -863,10 +863,14 @@ def convert(
     target_format: str = "gptcli",
     verify_checksums: bool = True,
     on_tensor: ProgressCallback | None = None,
+    force: bool = False,
 ) -> ConvertResult:
-    """Convert `source` to a gptcli model file or (target "hf") a Hugging Face directory."""
+    """Convert `source` to a gptcli model file or (target "hf") a Hugging Face directory; an hf
+    directory that already holds files is written into only with `force`."""
     if target_format not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
+    if target_format == "hf" and not force:
+        _check_empty_dir(Path(out) if out is not None else default_output(Path(source), "", "hf"))
     plan = make_plan(source, source_format, verify_checksums)
     output = Path(out) if out is not None else default_output(Path(source), plan.source_format, target_format)
     if target_format == "gptcli" and output.is_dir():
@@ -883,6 +887,14 @@ def convert(
     return ConvertResult(
         plan.source, plan.source_format, target_format, output, plan.config, len(plan.tensors), plan.num_bytes
     )
+
+
+def _check_empty_dir(out_dir: Path) -> None:
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UsageError(
+            f"{out_dir} is not empty; pass --force to write config.json and model.safetensors into it "
+            "(replacing those two files, keeping the others)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -27,6 +27,36 @@ if TYPE_CHECKING:
     import torch
 
 
+STDIN_NAME = "<stdin>"
+
+
+def not_utf8(name: str, byte: int, offset: int, hint: str = "") -> GptcliError:
+    """The one error for text that is not UTF-8, naming the source, the byte and where it is."""
+    message = f"{name} is not UTF-8 text (invalid byte 0x{byte:02x} at offset {offset})"
+    return GptcliError(f"{message}; {hint}" if hint else message)
+
+
+def decode_utf8(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(name, raw[exc.start], exc.start) from None
+
+
+def read_stdin_text() -> str:
+    """All of stdin as strict UTF-8: the text stream's own decoding would let invalid bytes through
+    as surrogates under a C locale (Python's surrogateescape)."""
+    import sys
+
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a replaced stdin without bytes underneath (already text)
+        return sys.stdin.read()
+    try:
+        return decode_utf8(buffer.read(), STDIN_NAME)
+    except OSError as exc:
+        raise GptcliError(f"cannot read {STDIN_NAME}: {exc.strerror}") from None
+
+
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's contents, or a one-line error saying what is wrong with it."""
     path = Path(path)
@@ -38,10 +68,7 @@ def read_text_file(path: str | Path) -> str:
         raw = path.read_bytes()
     except OSError as exc:
         raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GptcliError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    text = decode_utf8(raw, str(path))
     if not text.strip():
         raise GptcliError(f"{path} is empty")
     return text
@@ -65,6 +92,18 @@ class Splits:
     val: np.ndarray
     source: str
     vocab_size: int | None = None  # of the tokenizer that made the ids, when known
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, source: str, vocabulary: str) -> None:
+    """Every id in `tokens` fits a vocabulary of `vocab_size` (one pass over the array; an id past
+    the embedding would otherwise be an IndexError, or garbage on some devices)."""
+    if len(tokens) == 0:
+        return
+    largest = int(np.max(tokens))
+    if largest >= vocab_size:
+        raise UsageError(
+            f"{source} holds token id {largest:,}, outside {vocabulary} of {vocab_size:,} ids (0 to {vocab_size - 1:,})"
+        )
 
 
 def split_text(text: str, train_ratio: float) -> tuple[str, str]:
@@ -250,7 +289,9 @@ def prepared_splits(directory: str | Path) -> Splits:
                 "is incomplete or was changed; run `gptcli prepare` again"
             )
         # Read-only map: pages come from the file on demand, the corpus is never loaded whole.
-        arrays.append(np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype))
+        array = np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)
+        check_token_ids(array, vocab_size, str(path), "meta.json's vocabulary")
+        arrays.append(array)
     return Splits(arrays[0], arrays[1], str(directory), vocab_size)
 
 

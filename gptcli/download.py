@@ -91,6 +91,7 @@ class Origins:
 
     @classmethod
     def mirror(cls, base: str) -> Origins:
+        base = _normalise_mirror(base)
         base = base.rstrip("/") if _is_url(base) else str(Path(base).expanduser())
         if not _is_url(base) and not Path(base).is_dir():
             raise UsageError(f"mirror {base} is neither an http(s):// URL nor an existing directory")
@@ -183,6 +184,22 @@ class _Context:
             # Raw bytes only: with gzip, Content-Length and Range would count compressed bytes.
             self.session.headers["Accept-Encoding"] = "identity"
         return self.session
+
+
+def _normalise_mirror(base: str) -> str:
+    """http(s) URLs with a lower-case scheme, file:// as its directory; other schemes are refused."""
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", base)
+    if match is None:
+        return base
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        return base[match.end():]
+    if scheme not in ("http", "https"):
+        raise UsageError(
+            f"mirror {base}: the {scheme}:// scheme is not supported; use an http:// or https:// URL "
+            "or a local directory"
+        )
+    return scheme + base[len(scheme):]
 
 
 def _is_url(base: str) -> bool:

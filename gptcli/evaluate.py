@@ -162,8 +162,17 @@ def evaluate_tokens(
         tokens = tokens[:max_tokens]
     if len(tokens) < 2:
         raise UsageError(f"{source}: need at least 2 tokens to compute a loss, got {len(tokens)}")
+    check_model_vocab(model, tokens, source)
     loss, _ = sliding_window_loss(model, tokens, stride, batch_size, device, on_batch)
     return EvalResult(source, len(tokens), loss)
+
+
+def check_model_vocab(model: GPT, tokens: Sequence[int] | np.ndarray, source: str) -> None:
+    import numpy as np
+
+    from gptcli.data import check_token_ids
+
+    check_token_ids(np.asarray(tokens), model.config.vocab_size, source, "the model's vocabulary")
 
 
 RUN_FILE = "run.json"
@@ -212,6 +221,7 @@ def evaluate_run_splits(
     for name, tokens in (("train", splits.train), ("val", splits.val)):
         if max_tokens is not None:
             tokens = tokens[:max_tokens]
+        check_model_vocab(model, tokens, f"the run's {name} split")
         dataset = WindowDataset(tokens, context_length, stride)
         loader = BatchLoader(dataset, batch_size, shuffle=False, drop_last=False)
         if len(loader) == 0:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from gptcli import __version__
+from gptcli.data import STDIN_NAME
 from gptcli.errors import GptcliError, UsageError
 
 if TYPE_CHECKING:
@@ -46,7 +47,6 @@ TRAIN_FILE = "train.bin"
 VAL_FILE = "val.bin"
 FORMAT = "gptcli-tokens"
 STDIN = "-"
-STDIN_NAME = "<stdin>"
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read per block and characters per tokenized chunk
 EOT_ID = 50256
 SPLIT_MODES = ("auto", "document", "position")
@@ -211,10 +211,12 @@ class _Reader:
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
+                from gptcli.data import not_utf8
+
                 offset = self.bytes_read - buffered + exc.start
-                raise GptcliError(
-                    f"{self.name} is not UTF-8 text (invalid byte 0x{exc.object[exc.start]:02x} at offset "
-                    f"{offset}); pass --errors replace to read it with U+FFFD in place of invalid bytes"
+                raise not_utf8(
+                    self.name, exc.object[exc.start], offset,
+                    "pass --errors replace to read it with U+FFFD in place of invalid bytes",
                 ) from None
             self.bytes_read += len(block)
             self.hasher.update(block)

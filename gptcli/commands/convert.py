@@ -63,11 +63,16 @@ def command(
         "--verify/--no-verify",
         help="Check the CRC-32C checksums stored in OpenAI's checkpoint index (a few seconds for 124M).",
     ),
+    force: bool = typer.Option(
+        False, "--force",
+        help="With --to hf: write into an --out directory that is not empty (its config.json and "
+        "model.safetensors are replaced, other files kept).",
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the result (output path, config) as JSON."),
 ) -> None:
     import json
 
-    result = run_conversion(source, out, from_format.value, to_format.value, verify)
+    result = run_conversion(source, out, from_format.value, to_format.value, verify, force)
     if json_output:
         report = {
             "source": result.source,
@@ -81,7 +86,9 @@ def command(
         typer.echo(json.dumps(report, indent=2))
 
 
-def run_conversion(source: Path, out: Path | None, from_format: str, to_format: str, verify: bool) -> ConvertResult:
+def run_conversion(
+    source: Path, out: Path | None, from_format: str, to_format: str, verify: bool, force: bool = False
+) -> ConvertResult:
     """Convert with a progress bar on stderr; also used by `fetch gpt2 --convert`."""
     import time
 
@@ -108,7 +115,7 @@ def run_conversion(source: Path, out: Path | None, from_format: str, to_format: 
 
     try:
         with progress:
-            result = convert(source, out, from_format, to_format, verify, on_tensor)
+            result = convert(source, out, from_format, to_format, verify, on_tensor, force)
     except KeyboardInterrupt:
         raise GptcliError("interrupted; no output was written", EXIT_INTERRUPTED) from None
     c = result.config

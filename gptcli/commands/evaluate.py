@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from gptcli.evaluate import EvalResult
 
 RUNTIME = "Model and runtime"
-STDIN = "<stdin>"
 
 
 def command(
@@ -76,8 +75,8 @@ def command(
 
 def _read_sources(files: list[str], run: str | None) -> list[tuple[str, str]]:
     """(name, text) of every file to score; stdin when piped and nothing else is given."""
-    from gptcli.commands.sample import read_stdin, stdin_is_piped
-    from gptcli.data import read_text_file
+    from gptcli.commands._common import read_stdin, stdin_is_piped
+    from gptcli.data import STDIN_NAME, read_text_file
 
     if not files and run is None:
         if not stdin_is_piped():
@@ -89,7 +88,7 @@ def _read_sources(files: list[str], run: str | None) -> list[tuple[str, str]]:
             text = read_stdin()
             if not text.strip():
                 raise UsageError("stdin is empty")
-            sources.append((STDIN, text))
+            sources.append((STDIN_NAME, text))
         else:
             sources.append((name, read_text_file(name)))
     return sources
@@ -106,7 +105,7 @@ def _run(
     device_name: str,
     dtype_name: str,
 ) -> None:
-    from gptcli.commands.sample import load_for_inference
+    from gptcli.commands._common import load_for_inference
     from gptcli.data import tokenize
     from gptcli.evaluate import evaluate_run_splits, evaluate_tokens, read_run_settings
     from gptcli.tokenizer import get_tokenizer

@@ -62,7 +62,8 @@ def command(
         "--mirror",
         envvar="GPTCLI_MIRROR",
         show_envvar=True,
-        help="Fetch from this http(s):// URL or local directory instead of the official URLs, with the "
+        help="Fetch from this http(s):// URL or local directory (or file:// URL) instead of the official URLs, "
+        "with the "
         "layout the-verdict.txt, encodings/<file>, <size>/<file> and an optional SHA256SUMS.",
     ),
     retries: int = typer.Option(3, "--retries", min=0, help="Retries per URL on connection errors and 5xx."),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from gptcli.commands._common import load_for_inference, read_stdin, stdin_is_piped
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 
 if TYPE_CHECKING:
@@ -32,39 +33,6 @@ class Prompt:
     text: str
     ids: list[int]
     label: str  # for error messages: "the prompt" or "line 3"
-
-
-# --- helpers shared with `gptcli eval` -----------------------------------------------------------
-
-
-def stdin_is_piped() -> bool:
-    return sys.stdin is not None and not sys.stdin.isatty()
-
-
-def read_stdin() -> str:
-    try:
-        return sys.stdin.read()
-    except UnicodeDecodeError:
-        raise UsageError("stdin is not UTF-8 text") from None
-
-
-def load_for_inference(model_spec: str | None, device_name: str, dtype_name: str) -> tuple[GPT, str, str]:
-    """The model on the chosen device and dtype, with a loading line on stderr; (model, path, device)."""
-    from gptcli.checkpoint import load_model
-    from gptcli.runtime import resolve_device, resolve_dtype
-    from gptcli.ui import console
-
-    device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name)
-    start = time.perf_counter()
-    model, path = load_model(model_spec, device=device, dtype=dtype)
-    params = sum(p.numel() for p in model.parameters())
-    console.print(
-        f"model {path}: {params / 1e6:.1f}M parameters, context {model.config.context_length}, "
-        f"{device} {dtype_name}, loaded in {time.perf_counter() - start:.1f} s",
-        markup=False, highlight=False, soft_wrap=True,
-    )
-    return model, str(path), device
 
 
 # --- prompts and output --------------------------------------------------------------------------
