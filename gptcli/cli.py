@@ -47,9 +47,7 @@ def _check_number(param: click_core.Parameter, value: Any) -> None:
         if isinstance(item, float) and not math.isfinite(item):
             raise _NumberError(f"{_option_name(param)} must be a finite number, got {item}")
         if isinstance(item, int) and not isinstance(item, bool) and abs(item) > INT64_MAX:
-            raise _NumberError(
-                f"{_option_name(param)} must be between {-INT64_MAX} and {INT64_MAX}, got {item}"
-            )
+            raise _NumberError(f"{_option_name(param)} must fit in 64 bits (at most {INT64_MAX}), got {item}")
 
 
 def _add_number_check(param: click_core.Parameter) -> None:

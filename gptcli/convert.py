@@ -34,6 +34,7 @@ import numpy as np
 from gptcli.checkpoint import FORMAT, MODEL_FILE, atomic_write, model_shapes, read_metadata
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError, UsageError
+from gptcli.paths import check_can_create
 
 GPT2_DROP_RATE = 0.1
 SOURCE_FORMATS = ("auto", "openai", "hf", "gptcli")
@@ -877,6 +878,7 @@ def convert(
         output = output / MODEL_FILE
     if _same_file(output, Path(source)) or _same_file(output, Path(plan.source)):
         raise UsageError(f"refusing to overwrite the source {plan.source} with its conversion; pass --out")
+    check_can_create(output)
     try:
         if target_format == "hf":
             write_hf(plan, output, on_tensor)

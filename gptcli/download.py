@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from gptcli.errors import GptcliError, UsageError
-from gptcli.paths import cache_dir, tokenizer_cache_dir, verdict_cache_path
+from gptcli.paths import cache_dir, check_can_create, tokenizer_cache_dir, verdict_cache_path
 from gptcli.tokenizer import ENCODER_JSON, ENCODER_JSON_SHA256, VOCAB_BPE, VOCAB_BPE_SHA256
 
 if TYPE_CHECKING:
@@ -480,7 +480,10 @@ def _run(
 ) -> list[Fetched]:
     ctx = _Context(on_event, policy or RetryPolicy())
     try:
-        return [fetch_one(ctx, remote, want_sha256) for remote in remotes_for(ctx)]
+        remotes = remotes_for(ctx)
+        for remote in remotes:
+            check_can_create(remote.dest)
+        return [fetch_one(ctx, remote, want_sha256) for remote in remotes]
     finally:
         if ctx.session is not None:
             ctx.session.close()

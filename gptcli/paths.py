@@ -24,3 +24,15 @@ def tokenizer_cache_dir() -> Path:
 
 def verdict_cache_path() -> Path:
     return cache_dir() / "data" / "the-verdict.txt"
+
+
+def check_can_create(path: str | Path) -> None:
+    """A one-line usage error when `path` cannot be created because a file stands where one of its
+    directories should be (mkdir would say only "File exists")."""
+    from gptcli.errors import UsageError
+
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"cannot write {path}: {parent} is a file, not a directory")
+            return

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PROMPT = "Every effort moves you"
 MAX_SEED = 2**63 - 1
+MAX_LENGTH_PENALTY = 10.0  # length ** penalty must stay a finite, non-zero float for any length
 DECODING = "Decoding"
 OUTPUT = "Input and output"
 RUNTIME = "Model and runtime"
@@ -141,7 +142,7 @@ def command(
     length_penalty: float = typer.Option(
         1.0, "--length-penalty", rich_help_panel=DECODING,
         help="Beam search ranks sequences by log-probability / length ** penalty (0: raw sum, favours "
-        "short ones).",
+        f"short ones); between -{MAX_LENGTH_PENALTY:g} and {MAX_LENGTH_PENALTY:g}.",
     ),
     stop_at_eos: bool = typer.Option(
         True, "--stop-at-eos/--no-stop-at-eos", rich_help_panel=DECODING,
@@ -212,6 +213,11 @@ def _check_options(
         raise UsageError(f"--max-new-tokens must be at least 1, got {settings.max_new_tokens}")
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    if abs(settings.length_penalty) > MAX_LENGTH_PENALTY:
+        raise UsageError(
+            f"--length-penalty must be between -{MAX_LENGTH_PENALTY:g} and {MAX_LENGTH_PENALTY:g}, "
+            f"got {settings.length_penalty:g}"
+        )
     if settings.beam_width > 1 and num_samples > settings.beam_width:
         raise UsageError(
             f"beam search returns at most --beam-width ({settings.beam_width}) sequences; "
