@@ -158,4 +158,4 @@ def _root(
 
 
 def main() -> None:
-    app()
+    app(prog_name="gptcli")  # also under `python -m gptcli`, so messages name the command to type

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from gptcli import __version__
 from gptcli.data import STDIN_NAME
 from gptcli.errors import GptcliError, UsageError
+from gptcli.paths import check_can_create
 
 if TYPE_CHECKING:
     import numpy as np
@@ -364,6 +365,7 @@ def prepare(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
+    check_can_create(out_dir)
     existing = [name for name in (META_FILE, TRAIN_FILE, VAL_FILE) if (out_dir / name).exists()]
     if existing and not force:
         raise UsageError(f"{out_dir} already holds prepared data ({', '.join(existing)}); pass --force to replace it")
