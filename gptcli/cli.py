@@ -9,6 +9,7 @@ Both are handled here, for every command registered on the app, so a new command
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from gptcli import __version__
 from gptcli.commands import convert, evaluate, fetch, prepare, sample, train
 from gptcli.errors import EXIT_USAGE, GptcliError
 
+_NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())  # bare `gptcli` (help already printed)
 INT64_MAX = 2**63 - 1  # what torch and numpy index with: a larger int option is a typo, not a request
 
 
@@ -99,7 +101,7 @@ class OneLineErrorsGroup(TyperGroup):
             return super().main(args, prog_name, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
-        except click_errors.NoArgsIsHelpError as exc:
+        except _NO_ARGS_IS_HELP as exc:
             sys.exit(exc.exit_code)  # the help is already printed
         except click_errors.ClickException as exc:
             _error(_usage_line(exc), exc.exit_code)
@@ -107,11 +109,16 @@ class OneLineErrorsGroup(TyperGroup):
             _error("aborted", 1)
         except GptcliError as exc:
             _error(exc.message, exc.exit_code)
-        except BrokenPipeError:
-            # `gptcli ... | head`: the reader left; exit quietly like other Unix tools.
-            sys.stderr.close()
-            sys.exit(141)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click_core.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # `gptcli ... | head`: the reader left; exit quietly like other Unix tools (128 + SIGPIPE),
+            # with stdout on /dev/null so that Python's final flush does not complain.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
 
 
 def _error(message: str, exit_code: int) -> None:

@@ -328,3 +328,13 @@ def test_a_file_where_a_directory_should_be(model_file: Path) -> None:
     ):
         line = one_error_line(invoke(*command), 2)
         assert line.endswith("blocker is a file, not a directory"), line
+
+
+def test_a_closed_pipe_exits_quietly(model_file: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello world\n" * 3000)
+    script = (f"{sys.executable} -m gptcli sample -m {model_file} -n 2 --each-line - < {prompts} | head -1; "
+              "echo status ${PIPESTATUS[0]}")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[-1] == "status 141", result.stderr
+    assert "Traceback" not in result.stderr and "error" not in result.stderr.lower()
