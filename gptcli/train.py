@@ -606,6 +606,7 @@ class RunDirectory:
         self.created = False
         self.lock_fd: int | None = None
         self.saved_step: int | None = None
+        self.pointed = False  # runs/latest, moved by this process's first commit
 
     def open(self, resume: bool) -> Path | None:
         """Create (or find), lock and clean the directory; the checkpoint to resume from, if any."""
@@ -623,10 +624,10 @@ class RunDirectory:
             )
         return checkpoint
 
-    def kept(self) -> str:
+    def kept(self, which: str = "last") -> str:
         if self.saved_step is None:
             return "no checkpoint was saved"
-        return f"the last checkpoint (step {self.saved_step}) is kept"
+        return f"the {which} checkpoint (step {self.saved_step}) is kept"
 
     def save(self, model: GPT, optimizer: torch.optim.Optimizer, position: Position) -> CheckpointSaved:
         if not all(bool(p.isfinite().all()) for p in model.parameters()):
@@ -640,8 +641,9 @@ class RunDirectory:
         except Exception as exc:
             raise self._save_error(exc) from None
         rundir.commit_checkpoint(self.path, step_dir)
-        if self.saved_step is None:
+        if not self.pointed:
             point_latest(self.path)
+            self.pointed = True
         self.saved_step = position.steps_done
         rundir.prune_checkpoints(self.path, self.keep)
         return CheckpointSaved(step_dir, position.steps_done)
@@ -652,9 +654,9 @@ class RunDirectory:
             sign in text for sign in ("os error 28", "os error 27", "No space left", "File too large")
         )
         if full:  # safetensors reports a failed write as its own error type, not OSError
-            return GptcliError(f"the disk is full; {self.kept()}")
+            return GptcliError(f"the disk is full; {self.kept('last complete')}")
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0][:100]
-        return GptcliError(f"cannot save a checkpoint in {self.path}: {reason}; {self.kept()}")
+        return GptcliError(f"cannot save a checkpoint in {self.path}: {reason}; {self.kept('last complete')}")
 
     def close(self, failed: bool) -> None:
         if failed and self.created and self.saved_step is None:
@@ -819,7 +821,7 @@ def _train(
     failed = True
     try:
         resume_from = run.open(resume)
-        yield from _run(settings, resume_from, stop_requested, dist, device, run, data)
+        yield from _run(settings, resume, resume_from, stop_requested, dist, device, run, data)
         failed = False
     finally:
         run.close(failed)
@@ -827,6 +829,7 @@ def _train(
 
 def _run(
     settings: TrainSettings,
+    resume: bool,
     resume_from: Path | None,
     stop_requested: Callable[[], bool],
     dist: Distributed,
@@ -856,6 +859,8 @@ def _run(
     if resume_from is not None:
         position = load_checkpoint(resume_from, model, optimizer)
         run.saved_step = position.steps_done
+    elif resume:
+        yield Notice(f"{run_dir} has no complete checkpoint yet: the run starts again from step 0")
     if dist.is_main:
         _start_files(run, settings, position)
 

@@ -325,7 +325,8 @@ def test_resume_accepts_the_same_options_and_names_real_changes(tmp_path):
     assert json.loads((out / LATEST / "trainer.json").read_text())["steps_done"] == 2
     result = runner.invoke(app, ["train", "--resume", str(out), "--n-layers", "4", "--lr", "0.002"])
     assert result.exit_code == 2
-    assert "--n-layers (the run's 2, given 4)" in result.output and "--lr (the run's 0.001, given 0.002)" in result.output
+    assert "--n-layers (the run's 2, given 4)" in result.output
+    assert "--lr (the run's 0.001, given 0.002)" in result.output
     assert result.output.count("\n") == 1
 
 
