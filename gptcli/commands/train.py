@@ -1,4 +1,8 @@
-"""Pretrain a GPT from scratch on a text file (or a `gptcli prepare` directory), as the chapter does."""
+"""Pretrain a GPT from scratch on a text file (or a `gptcli prepare` directory), as the chapter does.
+
+Ctrl-C or SIGTERM: save a checkpoint and exit 130 or 143 (continue with --resume RUN).
+
+Exit code 3: the loss diverged; nothing was saved."""
 
 from __future__ import annotations
 
@@ -125,7 +129,8 @@ def command(
     out: Path | None = typer.Option(None, help="Run directory (default: runs/<time>-<corpus>).",
                                     rich_help_panel=LOOP),
     resume: Path | None = typer.Option(
-        None, help="Continue the run in this directory where it stopped (--epochs/--max-steps may extend it).",
+        None, help="Continue the run in this directory where it stopped (--epochs/--max-steps may extend it; "
+        "the run's other options may be repeated unchanged).",
         rich_help_panel=LOOP,
     ),
     plots: bool = typer.Option(True, help="Write loss.png and perplexity.png.", rich_help_panel=LOOP),
