@@ -659,7 +659,8 @@ class RunDirectory:
         return GptcliError(f"cannot save a checkpoint in {self.path}: {reason}; {self.kept('last complete')}")
 
     def close(self, failed: bool) -> None:
-        if failed and self.created and self.saved_step is None:
+        # Only the lock holder removes: a process that lost the race for the lock leaves it alone.
+        if failed and self.created and self.saved_step is None and self.lock_fd is not None:
             shutil.rmtree(self.path, ignore_errors=True)
         if self.lock_fd is not None:
             rundir.unlock_run(self.lock_fd)
