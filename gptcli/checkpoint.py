@@ -72,6 +72,7 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     save_file(contiguous, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; gptcli's follow the umask
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -318,11 +318,30 @@ def test_leftovers_are_removed_and_an_old_layout_run_resumes(tmp_path):
     assert not (out / "trainer.json").exists() and os.readlink(out / MODEL) == "checkpoints/latest/model.safetensors"
 
 
-def test_keep_checkpoints(tmp_path):
+def test_keep_checkpoints_and_file_modes_follow_the_umask(tmp_path):
     out = tmp_path / "run"
-    result = cli(*TINY, "--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--out", str(out))
+    previous = os.umask(0o022)
+    try:
+        result = cli(*TINY, "--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--out", str(out))
+    finally:
+        os.umask(previous)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000003", "step-000004"]
+    step_dir = out / "checkpoints" / "step-000004"
+    assert step_dir.stat().st_mode & 0o777 == 0o755
+    for name in (MODEL, "trainer.safetensors", "trainer.json"):
+        assert (step_dir / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_a_second_signal_aborts(monkeypatch):
+    from gptcli.commands.train import _StopSignals
+
+    with _StopSignals(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: stop after this step
+        assert stop.requested == signal.SIGTERM and stop.exit_code() == 143
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)  # the second: abort now
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_metrics_and_json_lines_are_strict_json(monkeypatch, tmp_path):
