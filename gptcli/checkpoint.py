@@ -45,6 +45,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power loss only once the directory is synced
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -57,11 +66,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file in place (callers that need atomicity use a temporary path)."""
     from safetensors.torch import save_file
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    save_file(contiguous, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; gptcli's follow the umask
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    atomic_write(path, lambda tmp: write_tensors(tmp, tensors, metadata))
 
 
 def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
@@ -72,12 +87,17 @@ def model_state_for_saving(model: GPT) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(path: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
+def write_model(path: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
+    """Write a model file in place: the weights, and the config and `extra` in its metadata."""
     metadata = {"format": FORMAT, "config": model.config.to_json()}
     for key, value in (extra or {}).items():
         metadata[key] = value if isinstance(value, str) else json.dumps(value)
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    save_tensors(path, model_state_for_saving(model), metadata)
+    write_tensors(path, model_state_for_saving(model), metadata)
+
+
+def save_model(path: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
+    atomic_write(path, lambda tmp: write_model(tmp, model, extra))
 
 
 def resolve_model_path(spec: str | Path | None) -> Path:

@@ -6,6 +6,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # SIGTERM (schedulers, `timeout`): 128 + 15
 
 
 class GptcliError(Exception):

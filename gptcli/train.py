@@ -16,18 +16,22 @@ writes. Every rank draws from torch's global RNG exactly what a single process w
 evaluation batches), so shuffling stays in step and rank 0's saved RNG state resumes all of them;
 dropout masks come from a generator seeded by (seed, rank, step), different on every rank.
 
-A run directory holds `model.safetensors`, `trainer.safetensors` (optimizer state and RNG
-states), `trainer.json` (step, epoch, position in the data), `run.json` (the settings),
-`metrics.jsonl`, `loss.png` and `perplexity.png`. Resuming restores all of it, so on CPU a
-resumed run reproduces an uninterrupted one exactly.
+A run directory holds `run.json` (the settings), `metrics.jsonl`, `loss.png`, `perplexity.png` and
+its checkpoints (`gptcli.rundir`: each one `model.safetensors`, `trainer.safetensors` with the
+optimizer and RNG states, and `trainer.json` with the step, epoch and position in the data, committed
+atomically). Resuming restores all of it, so on CPU a resumed run reproduces an uninterrupted one
+exactly. A run is locked while it trains; a diverged run (non-finite loss, gradient or weights)
+stops with exit code 3 and never saves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -35,20 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptcli import __version__
+from gptcli import __version__, jsonio, rundir
 from gptcli.checkpoint import (
     MODEL_FILE,
     atomic_write,
     atomic_write_text,
     load_config,
     load_weights,
-    save_model,
-    save_tensors,
 )
 from gptcli.config import GPTConfig
 from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.paths import RUNS_DIR
+from gptcli.rundir import TRAINER_FILE, TRAINER_JSON
 from gptcli.runtime import resolve_device
 
 if TYPE_CHECKING:
@@ -57,9 +60,10 @@ if TYPE_CHECKING:
     from gptcli.model import GPT
 
 RUN_FILE = "run.json"
-TRAINER_FILE = "trainer.safetensors"
-TRAINER_JSON = "trainer.json"
 METRICS_FILE = "metrics.jsonl"
+MAX_SEED = 2**63 - 1
+# Settings that may change when a run is resumed; every other one is the run's for good.
+RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "device", "plots")
 
 
 @dataclass
@@ -93,6 +97,7 @@ class TrainSettings:
     init: str | None = None
     plots: bool = True
     sampling: str = "epochs"
+    keep_checkpoints: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -107,18 +112,26 @@ class TrainSettings:
         return cls(**values)
 
     def validate(self) -> None:
-        positive = ("epochs", "batch_size", "eval_freq", "eval_iter")
-        for name in positive:
+        """Every setting in range, before anything is written (usage errors naming the option)."""
+        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise UsageError(f"{_option(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("micro_batch_size", "max_steps", "save_every", "stride"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise UsageError("--lr must be positive; --min-lr, --weight-decay and --warmup-steps non-negative")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise UsageError(f"--grad-clip must be positive, got {self.grad_clip}")
+                raise UsageError(f"{_option(name)} must be at least 1, got {value}")
+        _check_float("lr", self.lr, low=0.0, low_open=True)
+        _check_float("min_lr", self.min_lr, low=0.0)
+        _check_float("weight_decay", self.weight_decay, low=0.0)
+        _check_float("train_ratio", self.train_ratio, low=0.0, low_open=True, high=1.0)
+        if self.grad_clip is not None:
+            _check_float("grad_clip", self.grad_clip, low=0.0, low_open=True)
+        if self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be between 0 and 2**63-1, got {self.seed}")
+        if self.sample_tokens and not self.sample_prompt:
+            raise UsageError("--sample-prompt must not be empty (use --sample-tokens 0 for no samples)")
         if self.schedule not in ("constant", "cosine"):
             raise UsageError(f"--schedule must be constant or cosine, got {self.schedule!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -127,6 +140,47 @@ class TrainSettings:
             raise UsageError("--sample-tokens must not be negative")
         if self.sampling not in ("epochs", "random"):
             raise UsageError(f"--sampling must be epochs or random, got {self.sampling!r}")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_float(name: str, value: float, low: float, low_open: bool = False, high: float | None = None) -> None:
+    """A usage error unless `value` is finite and within [low, high) (or (low, high) if `low_open`)."""
+    bounds = f"{'above' if low_open else 'at least'} {low:g}" + (f" and below {high:g}" if high is not None else "")
+    if (
+        not math.isfinite(value)
+        or value < low
+        or (low_open and value == low)
+        or (high is not None and value >= high)
+    ):
+        raise UsageError(f"{_option(name)} must be a finite number {bounds}, got {value}")
+
+
+def _same_value(name: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    paths = name in ("corpus", "init", "out") and old is not None and new is not None
+    return paths and os.path.realpath(old) == os.path.realpath(new)
+
+
+def resumed_settings(stored: TrainSettings, given: dict[str, Any]) -> TrainSettings:
+    """`stored` (a run's run.json) with the settings typed again on `--resume` applied. Those in
+    RESUMABLE may change; any other may be repeated with its stored value, and a real change is a
+    usage error naming each option with the run's value and the one given. Model shape settings
+    (`emb_dim`, ...) are named as themselves."""
+    current = {**dataclasses.asdict(stored), **stored.config.to_dict()}
+    changes = []
+    for name, value in given.items():
+        if name in RESUMABLE:
+            setattr(stored, name, value)
+        elif not _same_value(name, current[name], value):
+            changes.append(f"{_option(name)} (the run's {current[name]!r}, given {value!r})")
+    if changes:
+        allowed = ", ".join(_option(n) for n in RESUMABLE)
+        raise UsageError(f"cannot change {'; '.join(changes)} when resuming; only {allowed} may change")
+    return stored
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -386,44 +440,71 @@ class Position:
     best_val_loss: float | None = None
 
 
-def save_checkpoint(
-    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer, position: Position
-) -> None:
-    """Trainer state first, the model last; each file atomically. All carry the step, and resume
-    refuses files whose steps disagree (a crash between two renames)."""
+def checkpoint_writers(
+    model: GPT, optimizer: torch.optim.Optimizer, position: Position
+) -> dict[str, Callable[[Path], None]]:
+    """How to write each file of a checkpoint (model last: `sample` needs only it). All carry the
+    step, and resume refuses files whose steps disagree (hand-edited or mixed checkpoints)."""
+    from gptcli.checkpoint import write_model, write_tensors
+
     tensors, meta = optimizer_tensors(optimizer)
     tensors.update(rng_tensors())
     state = {**dataclasses.asdict(position), "optimizer": meta, "gptcli_version": __version__}
-    save_tensors(run_dir / TRAINER_FILE, tensors, {"step": str(position.steps_done)})
-    atomic_write_text(run_dir / TRAINER_JSON, json.dumps(state, indent=2) + "\n")
-    save_model(run_dir / MODEL_FILE, model, {"step": str(position.steps_done)})
+    step = {"step": str(position.steps_done)}
+    return {
+        TRAINER_FILE: lambda path: write_tensors(path, tensors, step),
+        TRAINER_JSON: lambda path: path.write_text(jsonio.dumps(state, indent=2) + "\n", encoding="utf-8"),
+        MODEL_FILE: lambda path: write_model(path, model, step),
+    }
 
 
-def load_checkpoint(
-    run_dir: Path, model: GPT, optimizer: torch.optim.Optimizer
-) -> Position:
+def _damaged(path: Path, what: str) -> GptcliError:
+    return GptcliError(
+        f"cannot resume: {path} {what}; start a new run from saved weights with --init "
+        f"(e.g. --init {path.parent / MODEL_FILE}, if that file is intact)"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    from gptcli.checkpoint import read_metadata
+    if not path.is_file():
+        raise _damaged(path, "is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+    except Exception as exc:
+        raise _damaged(path, f"is damaged or truncated ({str(exc).splitlines()[0][:80]})") from None
 
-    paths = [run_dir / name for name in (MODEL_FILE, TRAINER_FILE, TRAINER_JSON)]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise GptcliError(f"cannot resume {run_dir}: no {', '.join(missing)} (no checkpoint was saved)")
-    state = json.loads((run_dir / TRAINER_JSON).read_text())
-    with safe_open(str(run_dir / TRAINER_FILE), framework="pt") as handle:
-        trainer_step = (handle.metadata() or {}).get("step")
-    model_step = read_metadata(run_dir / MODEL_FILE).get("step")
-    if not (str(state["steps_done"]) == trainer_step == model_step):
-        raise GptcliError(
-            f"cannot resume {run_dir}: checkpoint files disagree (model step {model_step}, trainer "
-            f"step {trainer_step}, trainer.json step {state['steps_done']})"
-        )
-    load_weights(model, load_file(str(run_dir / MODEL_FILE)), run_dir / MODEL_FILE)
-    tensors = load_file(str(run_dir / TRAINER_FILE))
-    restore_optimizer(optimizer, tensors, state["optimizer"])
-    restore_rng(tensors)
+
+def _read_trainer_json(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _damaged(path, "is missing") from None
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, f"is not valid JSON ({exc})") from None
+    required = {"steps_done", "epoch", "batch_in_epoch", "tokens_seen", "optimizer"}
+    if not isinstance(state, dict) or not required <= state.keys():
+        raise _damaged(path, f"is not a trainer state (it needs the keys {', '.join(sorted(required))})")
+    return state
+
+
+def load_checkpoint(checkpoint: Path, model: GPT, optimizer: torch.optim.Optimizer) -> Position:
+    """Restore the model, optimizer and RNG states from a checkpoint directory; where the run was."""
+    state = _read_trainer_json(checkpoint / TRAINER_JSON)
+    tensors, trainer_meta = _read_safetensors(checkpoint / TRAINER_FILE)
+    weights, model_meta = _read_safetensors(checkpoint / MODEL_FILE)
+    steps = (str(state["steps_done"]), trainer_meta.get("step"), model_meta.get("step"))
+    if len(set(steps)) != 1:
+        raise _damaged(checkpoint, f"holds files of different steps (trainer.json {steps[0]}, "
+                                   f"trainer.safetensors {steps[1]}, model.safetensors {steps[2]})")
+    load_weights(model, weights, checkpoint / MODEL_FILE)
+    try:
+        restore_optimizer(optimizer, tensors, state["optimizer"])
+        restore_rng(tensors)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise _damaged(checkpoint / TRAINER_FILE, f"does not fit the model ({type(exc).__name__}: {exc})") from None
     fields = {f.name for f in dataclasses.fields(Position)}
     return Position(**{k: v for k, v in state.items() if k in fields})
 
@@ -479,23 +560,33 @@ def write_plots(run_dir: Path, metrics: list[dict[str, Any]], steps_per_epoch: i
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def build_model(settings: TrainSettings) -> GPT:
-    """A fresh model (seeded before this call), or one started from `settings.init`."""
+def build_model(settings: TrainSettings, load_init: bool = True) -> GPT:
+    """A fresh model (seeded before this call), or one started from `settings.init` (not needed
+    when a checkpoint will be loaded over it: a resumed run works without its --init file)."""
     from safetensors.torch import load_file
 
     from gptcli.model import GPT
 
     model = GPT(settings.config)
-    if settings.init:
-        load_weights(model, load_file(settings.init), settings.init)
+    if settings.init and load_init:
+        init = resolve_init_path(settings.init)
+        load_weights(model, load_file(str(init)), init)
     return model
+
+
+def resolve_init_path(init: str | Path) -> Path:
+    """The weights file of `--init`: a .safetensors file, or a run directory's model file."""
+    path = Path(init)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise GptcliError(f"--init weights not found: {path}")
+    return path
 
 
 def resolve_init_config(init: str, overrides: dict[str, Any]) -> GPTConfig:
     """The config of `--init` weights; only the drop rate may differ from them."""
-    if not Path(init).is_file():
-        raise GptcliError(f"--init weights not found: {init}")
-    config = load_config(init)
+    config = load_config(resolve_init_path(init))
     conflicting = {
         k: v for k, v in overrides.items() if v is not None and k != "drop_rate" and getattr(config, k) != v
     }
@@ -503,6 +594,125 @@ def resolve_init_config(init: str, overrides: dict[str, Any]) -> GPTConfig:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in conflicting)
         raise UsageError(f"{names} conflict with the shapes of the --init weights {init}")
     return config.replace(drop_rate=overrides.get("drop_rate"))
+
+
+class RunDirectory:
+    """The run directory as one training process holds it: locked while the run trains (rank 0),
+    checkpoints committed atomically, `runs/latest` moved after the first commit, and a directory
+    this run created removed again when the run fails before its first checkpoint."""
+
+    def __init__(self, path: Path, keep: int, main: bool) -> None:
+        self.path, self.keep, self.main = path, keep, main
+        self.created = False
+        self.lock_fd: int | None = None
+        self.saved_step: int | None = None
+        self.pointed = False  # runs/latest, moved by this process's first commit
+
+    def open(self, resume: bool) -> Path | None:
+        """Create (or find), lock and clean the directory; the checkpoint to resume from, if any."""
+        if resume and not self.path.is_dir():
+            raise UsageError(f"--resume {self.path}: no such run directory")
+        if not self.main:
+            return rundir.checkpoint_to_resume(self.path) if resume else None
+        self.created = rundir.create_run_dir(self.path)
+        self.lock_fd = rundir.lock_run(self.path)
+        rundir.remove_leftovers(self.path)
+        checkpoint = rundir.checkpoint_to_resume(self.path)
+        if checkpoint is not None and not resume:
+            raise UsageError(
+                f"{self.path} already holds a run; continue it with --resume {self.path} or pick another --out"
+            )
+        return checkpoint
+
+    def kept(self, which: str = "last") -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved"
+        return f"the {which} checkpoint (step {self.saved_step}) is kept"
+
+    def save(self, model: GPT, optimizer: torch.optim.Optimizer, position: Position) -> CheckpointSaved:
+        if not all(bool(p.isfinite().all()) for p in model.parameters()):
+            raise GptcliError(
+                f"the weights became NaN or infinite by step {position.steps_done}; stopped without saving "
+                f"({self.kept()}). Try a lower --lr, --grad-clip or --warmup-steps", EXIT_NONFINITE,
+            )
+        try:
+            step_dir = rundir.write_checkpoint(self.path, position.steps_done,
+                                               checkpoint_writers(model, optimizer, position))
+        except Exception as exc:
+            raise self._save_error(exc) from None
+        rundir.commit_checkpoint(self.path, step_dir)
+        if not self.pointed:
+            point_latest(self.path)
+            self.pointed = True
+        self.saved_step = position.steps_done
+        rundir.prune_checkpoints(self.path, self.keep)
+        return CheckpointSaved(step_dir, position.steps_done)
+
+    def _save_error(self, exc: Exception) -> GptcliError:
+        text = str(exc)
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)) or any(
+            sign in text for sign in ("os error 28", "os error 27", "No space left", "File too large")
+        )
+        if full:  # safetensors reports a failed write as its own error type, not OSError
+            return GptcliError(f"the disk is full; {self.kept('last complete')}")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0][:100]
+        return GptcliError(f"cannot save a checkpoint in {self.path}: {reason}; {self.kept('last complete')}")
+
+    def close(self, failed: bool) -> None:
+        # Only the lock holder removes: a process that lost the race for the lock leaves it alone.
+        if failed and self.created and self.saved_step is None and self.lock_fd is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock_fd is not None:
+            rundir.unlock_run(self.lock_fd)
+            self.lock_fd = None
+
+
+def _start_files(run: RunDirectory, settings: TrainSettings, position: Position) -> None:
+    """run.json, and metrics.jsonl without the evaluations after the checkpoint (the resumed run
+    replays them)."""
+    atomic_write_text(run.path / RUN_FILE, jsonio.dumps(settings.to_dict(), indent=2) + "\n")
+    kept = [m for m in read_metrics(run.path) if m["step"] < position.steps_done]
+    atomic_write_text(run.path / METRICS_FILE, "".join(jsonio.dumps(m) + "\n" for m in kept))
+
+
+def _check_enough_data(splits: Any, settings: TrainSettings, prepared: bool) -> None:
+    from gptcli.data import check_enough_tokens
+
+    context = settings.config.context_length
+    if prepared and min(len(splits.train), len(splits.val)) <= context:
+        which = "training" if len(splits.train) <= context else "validation"
+        raise UsageError(
+            f"not enough tokens for the {which} loader in {settings.corpus} ({len(splits.train)} training, "
+            f"{len(splits.val)} validation tokens, context length {context}); lower --context-length or "
+            "prepare more text (`gptcli prepare --val-ratio` sets the split)"
+        )
+    check_enough_tokens(splits, context)
+
+
+def _too_few_windows(settings: TrainSettings, windows: int) -> UsageError:
+    options = "--batch-size or --context-length"
+    if settings.stride and settings.stride > settings.config.context_length:
+        options = f"--stride ({settings.stride}), --batch-size or --context-length"
+    return UsageError(
+        f"the training split has {windows} windows, fewer than one batch of {settings.batch_size}; lower {options}"
+    )
+
+
+def gradient_norm(model: GPT, clip: float | None) -> float:
+    """The global gradient norm, clipped to `clip` when given (a non-finite norm is divergence)."""
+    import torch
+
+    if clip:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _diverged(what: str, value: float, step: int, run: RunDirectory) -> GptcliError:
+    return GptcliError(
+        f"the {what} became {value} at step {step}; stopped without saving ({run.kept()}). "
+        "Try a lower --lr, --grad-clip or --warmup-steps", EXIT_NONFINITE,
+    )
 
 
 def train(
@@ -526,24 +736,23 @@ def train(
                 torch.distributed.destroy_process_group()
 
 
-def _train(
-    settings: TrainSettings,
-    resume: bool,
-    stop_requested: Callable[[], bool],
-    dist: Distributed,
-    device: str,
-) -> Iterator[Event]:
-    import torch
+@dataclass
+class _Data:
+    """The run's data and the shape of its loop, all checked before anything is written."""
 
-    from gptcli.data import BatchLoader, RandomWindowLoader, WindowDataset, check_enough_tokens, load_splits
-    from gptcli.model import adamw
-    from gptcli.tokenizer import encode, get_tokenizer
+    tokenizer: Any
+    train_loader: Any
+    val_loader: Any
+    sampler: Any
+    steps_per_epoch: int
+    epochs: float
+    total_steps: int
+    accumulation: int
+    micro: int
 
-    config = settings.config
-    device_type = device.split(":")[0]
-    if settings.precision == "bf16" and device_type == "mps":
-        raise UsageError("--precision bf16 is not supported on mps")
 
+def _micro_batches(settings: TrainSettings, dist: Distributed) -> tuple[int, int]:
+    """(micro-batches per step, sequences per micro-batch) on each process."""
     per_rank, remainder = divmod(settings.batch_size, dist.world_size)
     if remainder:
         raise UsageError(
@@ -554,15 +763,18 @@ def _train(
         raise UsageError(
             f"--micro-batch-size {micro} must divide the per-process batch of {per_rank} sequences"
         )
-    accumulation = per_rank // micro
+    return per_rank // micro, micro
 
-    run_dir = Path(settings.out) if settings.out else default_run_dir(settings.corpus)
-    if not resume and (run_dir / MODEL_FILE).exists():
-        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
 
+def _load_data(settings: TrainSettings, dist: Distributed) -> _Data:
+    from gptcli.data import BatchLoader, RandomWindowLoader, WindowDataset, is_prepared_dir, load_splits
+    from gptcli.tokenizer import get_tokenizer
+
+    config = settings.config
+    accumulation, micro = _micro_batches(settings, dist)
     tokenizer = get_tokenizer()
     splits = load_splits(settings.corpus, tokenizer, settings.train_ratio)
-    check_enough_tokens(splits, config.context_length)
+    _check_enough_data(splits, settings, is_prepared_dir(settings.corpus))
     if splits.vocab_size and splits.vocab_size > config.vocab_size:
         raise UsageError(
             f"--vocab-size {config.vocab_size} is smaller than the data's vocabulary ({splits.vocab_size}): "
@@ -579,10 +791,7 @@ def _train(
     )
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        raise UsageError(
-            f"the training split has {len(train_loader.dataset)} windows, fewer than one batch of "
-            f"{settings.batch_size}; lower --batch-size or --context-length"
-        )
+        raise _too_few_windows(settings, len(train_loader.dataset))
     # Random sampling has no passes: an "epoch" is as many steps as one pass would take (for the
     # per-epoch sample, checkpoint and the plots), and --max-steps alone sets the length.
     random_sampling = settings.sampling == "random"
@@ -593,22 +802,68 @@ def _train(
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps:
         total_steps = settings.max_steps if random_sampling else min(total_steps, settings.max_steps)
+    return _Data(tokenizer, train_loader, val_loader, sampler, steps_per_epoch, epochs, total_steps,
+                 accumulation, micro)
+
+
+def _train(
+    settings: TrainSettings,
+    resume: bool,
+    stop_requested: Callable[[], bool],
+    dist: Distributed,
+    device: str,
+) -> Iterator[Event]:
+    if settings.precision == "bf16" and device.startswith("mps"):
+        raise UsageError("--precision bf16 is not supported on mps")
+    run_dir = Path(settings.out) if settings.out else default_run_dir(settings.corpus)
+    rundir.check_out_path(run_dir)
+    data = _load_data(settings, dist)
+    run = RunDirectory(run_dir, settings.keep_checkpoints, dist.is_main)
+    failed = True
+    try:
+        resume_from = run.open(resume)
+        yield from _run(settings, resume, resume_from, stop_requested, dist, device, run, data)
+        failed = False
+    finally:
+        run.close(failed)
+
+
+def _run(
+    settings: TrainSettings,
+    resume: bool,
+    resume_from: Path | None,
+    stop_requested: Callable[[], bool],
+    dist: Distributed,
+    device: str,
+    run: RunDirectory,
+    data: _Data,
+) -> Iterator[Event]:
+    import torch
+
+    from gptcli.data import BatchLoader
+    from gptcli.model import adamw
+    from gptcli.tokenizer import encode
+
+    config = settings.config
+    device_type = device.split(":")[0]
+    run_dir = run.path
+    tokenizer, train_loader, val_loader, sampler = data.tokenizer, data.train_loader, data.val_loader, data.sampler
+    steps_per_epoch, epochs, total_steps = data.steps_per_epoch, data.epochs, data.total_steps
+    accumulation, micro = data.accumulation, data.micro
 
     torch.manual_seed(settings.seed)
-    model = build_model(settings).to(device)
+    model = build_model(settings, load_init=resume_from is None).to(device)
     # The chapter's optimizer: AdamW over all parameters (torch's fused kernel where it has one).
     optimizer = adamw(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
     position = Position()
-    if resume:
-        position = load_checkpoint(run_dir, model, optimizer)
+    if resume_from is not None:
+        position = load_checkpoint(resume_from, model, optimizer)
+        run.saved_step = position.steps_done
+    elif resume:
+        yield Notice(f"{run_dir} has no complete checkpoint yet: the run starts again from step 0")
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / RUN_FILE, json.dumps(settings.to_dict(), indent=2) + "\n")
-        # Evaluations after the last checkpoint are replayed by the resumed run.
-        kept = [m for m in read_metrics(run_dir) if m["step"] < position.steps_done]
-        atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
-        point_latest(run_dir)
+        _start_files(run, settings, position)
 
     train_model: Any = model
     if dist.world_size > 1:
@@ -654,10 +909,7 @@ def _train(
         return tokenizer.decode(prompt[0].tolist() + new_tokens[0]).replace("\n", " ")
 
     def checkpoint() -> CheckpointSaved | None:
-        if not dist.is_main:
-            return None
-        save_checkpoint(run_dir, model, optimizer, position)
-        return CheckpointSaved(run_dir, position.steps_done)
+        return run.save(model, optimizer, position) if dist.is_main else None
 
     tokens_per_step = settings.batch_size * config.context_length
     yield RunStarted(
@@ -717,13 +969,10 @@ def _train(
                 loss_sum /= dist.world_size
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
-                raise GptcliError(
-                    f"the training loss became {loss_value} at step {position.steps_done}; stopped without "
-                    "saving (the last checkpoint is kept). Try a lower --lr, --grad-clip or --warmup-steps",
-                    EXIT_NONFINITE,
-                )
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+                raise _diverged("training loss", loss_value, position.steps_done, run)
+            grad_norm = gradient_norm(model, settings.grad_clip)
+            if not math.isfinite(grad_norm):
+                raise _diverged("gradient norm", grad_norm, position.steps_done, run)
             optimizer.step()
             position.steps_done += 1
             position.batch_in_epoch += 1
@@ -739,7 +988,7 @@ def _train(
                     if position.best_val_loss is None or last_eval.val_loss < position.best_val_loss:
                         position.best_val_loss = last_eval.val_loss
                     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(last_eval.to_dict()) + "\n")
+                        handle.write(jsonio.dumps(last_eval.to_dict()) + "\n")
                     yield last_eval
             if position.steps_done >= total_steps:
                 reason = "max_steps" if total_steps < epochs * steps_per_epoch else "completed"
@@ -766,7 +1015,7 @@ def _train(
     saved = checkpoint()
     if saved:
         yield saved
-    files = [run_dir / MODEL_FILE, run_dir / TRAINER_FILE, run_dir / METRICS_FILE]
+    files = [run_dir / MODEL_FILE, run_dir / METRICS_FILE]
     if dist.is_main and settings.plots:
         files += write_plots(run_dir, read_metrics(run_dir), steps_per_epoch)
     seconds = time.perf_counter() - started

@@ -98,14 +98,15 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     assert ddp.stderr.count("gptcli train data") == 1 and "cpu × 2" in ddp.stderr
     assert ddp.stderr.count("epoch 1 sample:") == 1 and ddp.stderr.count("completed:") == 1
     assert "Traceback" not in ddp.stderr and "OMP_NUM_THREADS" not in ddp.stderr
-    assert json.loads((root / "ddp" / "trainer.json").read_text())["steps_done"] == 8
+    assert json.loads((root / "ddp" / "checkpoints" / "latest" / "trainer.json").read_text())["steps_done"] == 8
 
 
 def test_a_resumed_two_process_run_equals_an_uninterrupted_one(runs):
     root = runs["root"]
     first = torchrun(root, "data", *ARGS, "--micro-batch-size", "1", "--out", "split", "--max-steps", "3", "--quiet")
     assert first.returncode == 0, first.stderr
-    assert json.loads((root / "split" / "trainer.json").read_text())["batch_in_epoch"] == 3  # mid-epoch
+    state = json.loads((root / "split" / "checkpoints" / "latest" / "trainer.json").read_text())
+    assert state["batch_in_epoch"] == 3  # mid-epoch
     second = torchrun(root, "--resume", "split", "--max-steps", "8", "--json")
     assert second.returncode == 0, second.stderr
     assert [json.loads(line)["step"] for line in second.stdout.splitlines()] == [4, 6]

@@ -26,6 +26,7 @@ from gptcli.train import Evaluation, RunFinished, TrainSettings, learning_rate, 
 from .conftest import VERDICT
 
 runner = CliRunner()
+LATEST = Path("checkpoints") / "latest"
 
 TINY = get_preset("tiny").replace(context_length=64)
 # 4,608 training tokens at context 64 make 72 windows: 9 steps per epoch at batch 8.
@@ -201,15 +202,17 @@ def test_cli_run_writes_everything_and_json_parses(tmp_path):
     assert lines[-1]["train_loss"] < lines[0]["train_loss"] - 0.5
     assert lines[-1]["val_ppl"] == pytest.approx(math.exp(lines[-1]["val_loss"]))
     assert lines == [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for name in ("model.safetensors", "trainer.safetensors", "trainer.json", "run.json", "loss.png",
-                 "perplexity.png"):
+    for name in ("model.safetensors", "run.json", "loss.png", "perplexity.png", "checkpoints/latest/trainer.json",
+                 "checkpoints/latest/trainer.safetensors", "checkpoints/latest/model.safetensors"):
         assert (out / name).is_file(), name
+    assert os.readlink(out / "checkpoints" / "latest") == "step-000027"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000027"]  # keep 1
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Path("runs/latest").resolve() == out.resolve()
     # No pickle anywhere: weights and optimizer state load as plain safetensors.
-    trainer = load_file(out / "trainer.safetensors")
+    trainer = load_file(out / "checkpoints" / "latest" / "trainer.safetensors")
     assert "rng.cpu" in trainer and any(k.endswith("exp_avg") for k in trainer)
-    assert json.loads((out / "trainer.json").read_text())["steps_done"] == 27
+    assert json.loads((out / LATEST / "trainer.json").read_text())["steps_done"] == 27
 
 
 def test_quiet_prints_nothing_and_existing_run_is_not_clobbered(tmp_path):
@@ -247,7 +250,7 @@ def test_stop_mid_epoch_then_resume_is_exact(tmp_path):
 
     first = list(train(tiny_settings(tmp_path / "split"), stop_requested=stop_after_13))
     assert first[-1].reason == "interrupted" and first[-1].steps == 13
-    assert json.loads((tmp_path / "split" / "trainer.json").read_text())["batch_in_epoch"] == 4
+    assert json.loads((tmp_path / "split" / LATEST / "trainer.json").read_text())["batch_in_epoch"] == 4
     resumed = list(train(tiny_settings(tmp_path / "split"), resume=True))
     assert [e.to_dict() for e in evaluations(first) + evaluations(resumed)] == \
         [e.to_dict() for e in evaluations(full)]
@@ -304,19 +307,27 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "gptcli train --resume" in stderr and "Traceback" not in stderr
-    state = json.loads((out / "trainer.json").read_text())
+    state = json.loads((out / LATEST / "trainer.json").read_text())
     assert 0 < state["steps_done"] < 200 * 9
     result = runner.invoke(app, ["train", "--resume", str(out), "--max-steps", str(state["steps_done"] + 2),
                                  "--quiet"])
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "trainer.json").read_text())["steps_done"] == state["steps_done"] + 2
+    assert json.loads((out / LATEST / "trainer.json").read_text())["steps_done"] == state["steps_done"] + 2
 
 
-def test_resume_refuses_shape_changes(tmp_path):
+def test_resume_accepts_the_same_options_and_names_real_changes(tmp_path):
     out = tmp_path / "run"
-    runner.invoke(app, ["train", str(VERDICT), *TINY_ARGS, "--max-steps", "1", "--out", str(out), "--quiet"])
-    result = runner.invoke(app, ["train", "--resume", str(out), "--n-layers", "4"])
-    assert result.exit_code == 2 and "--n-layers cannot change when resuming" in result.output
+    first = ["train", str(VERDICT), *TINY_ARGS, "--lr", "1e-3", "--max-steps", "1", "--out", str(out), "--quiet"]
+    assert runner.invoke(app, first).exit_code == 0
+    # The same command from shell history, with --resume added (and a longer run) is accepted.
+    result = runner.invoke(app, [*first[:-5], "--max-steps", "2", "--out", str(out), "--resume", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / LATEST / "trainer.json").read_text())["steps_done"] == 2
+    result = runner.invoke(app, ["train", "--resume", str(out), "--n-layers", "4", "--lr", "0.002"])
+    assert result.exit_code == 2
+    assert "--n-layers (the run's 2, given 4)" in result.output
+    assert "--lr (the run's 0.001, given 0.002)" in result.output
+    assert result.output.count("\n") == 1
 
 
 def test_init_from_saved_weights(tmp_path):

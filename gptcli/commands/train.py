@@ -1,4 +1,8 @@
-"""Pretrain a GPT from scratch on a text file (or a `gptcli prepare` directory), as the chapter does."""
+"""Pretrain a GPT from scratch on a text file (or a `gptcli prepare` directory), as the chapter does.
+
+Ctrl-C or SIGTERM: save a checkpoint and exit 130 or 143 (continue with --resume RUN).
+
+Exit code 3: the loss diverged; nothing was saved."""
 
 from __future__ import annotations
 
@@ -22,8 +26,10 @@ OPTIM = "Optimization"
 LOOP = "Evaluation, samples and checkpoints"
 RUNTIME = "Runtime and output"
 
-# Options that may change when a run is resumed; everything else comes from its run.json.
-RESUMABLE = {"epochs", "max_steps", "save_every", "device", "json_output", "quiet", "resume", "plots", "threads"}
+# Options that only steer this process (not settings of the run): free on --resume.
+RUNTIME_OPTIONS = {"json_output", "quiet", "resume", "threads", "nproc"}
+MODEL_OPTIONS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "vocab_size",
+                 "tie_weights")
 
 
 def _rank() -> int:
@@ -75,8 +81,8 @@ def command(
         rich_help_panel=MODEL,
     ),
     init: Path | None = typer.Option(
-        None, help="Start from saved weights (.safetensors from a run or `gptcli convert`); the model "
-        "shape comes from them.", rich_help_panel=MODEL,
+        None, help="Start from saved weights (.safetensors from a run or `gptcli convert`, or a run "
+        "directory); the model shape comes from them.", rich_help_panel=MODEL,
     ),
     train_ratio: float = typer.Option(0.9, help="Share of the text (by characters) used for training.",
                                       rich_help_panel=DATA),
@@ -116,10 +122,15 @@ def command(
         None, help="Also checkpoint every this many steps (default: after each epoch and at the end).",
         rich_help_panel=LOOP,
     ),
+    keep_checkpoints: int = typer.Option(
+        1, help="Checkpoints kept in RUN/checkpoints (the newest ones; each is committed atomically).",
+        rich_help_panel=LOOP,
+    ),
     out: Path | None = typer.Option(None, help="Run directory (default: runs/<time>-<corpus>).",
                                     rich_help_panel=LOOP),
     resume: Path | None = typer.Option(
-        None, help="Continue the run in this directory where it stopped (--epochs/--max-steps may extend it).",
+        None, help="Continue the run in this directory where it stopped (--epochs/--max-steps may extend it; "
+        "the run's other options may be repeated unchanged).",
         rich_help_panel=LOOP,
     ),
     plots: bool = typer.Option(True, help="Write loss.png and perplexity.png.", rich_help_panel=LOOP),
@@ -142,23 +153,11 @@ def command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr.",
                                rich_help_panel=RUNTIME),
 ) -> None:
-    from gptcli import ui
-    from gptcli.config import get_preset
-    from gptcli.errors import EXIT_INTERRUPTED, UsageError
-    from gptcli.train import (
-        RUN_FILE,
-        CheckpointSaved,
-        Evaluation,
-        Notice,
-        RunFinished,
-        RunStarted,
-        Sample,
-        StepDone,
-        TrainSettings,
-        resolve_init_config,
-        train,
-    )
+    from gptcli.errors import UsageError
 
+    if corpus == "-":
+        raise UsageError("train does not read stdin (it passes over the text many times); save the text to a "
+                         "file, or tokenize it with `gptcli prepare - --out DIR` and train on DIR")
     if nproc is not None:
         from gptcli.distributed import launch
 
@@ -166,83 +165,130 @@ def command(
     main_rank = _rank() == 0
     if not main_rank:  # under torchrun only rank 0 prints
         quiet, json_output = True, False
-
     with _errors_on_rank_zero_only():
         from gptcli.runtime import set_threads
 
         set_threads(threads)
-        if resume is not None:
-            run_file = resume / RUN_FILE
-            if not run_file.is_file():
-                raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
-            changed = [
-                name for name in ctx.params
-                if name not in RESUMABLE and _given(ctx, name)
-            ]
-            if changed:
-                flags = ", ".join("--" + n.replace("_", "-") for n in changed)
-                raise UsageError(f"{flags} cannot change when resuming; only --epochs, --max-steps, --save-every, "
-                                 "--device and --threads can")
-            settings = TrainSettings.from_dict(json.loads(run_file.read_text()))
-            settings.out = str(resume)
-            for name in ("epochs", "max_steps", "save_every", "device", "plots"):
-                if _given(ctx, name):
-                    setattr(settings, name, ctx.params[name])
-        else:
-            overrides: dict[str, Any] = {
-                "context_length": context_length, "emb_dim": emb_dim, "n_heads": n_heads, "n_layers": n_layers,
-                "drop_rate": drop_rate, "qkv_bias": qkv_bias, "vocab_size": vocab_size, "tie_weights": tie_weights,
-            }
-            if init is not None:
-                explicit = {
-                    k: v for k, v in overrides.items() if _given(ctx, k)
-                }
-                config = resolve_init_config(str(init), explicit)
-            else:
-                config = get_preset(preset).replace(**overrides)
-            if corpus is None:
-                from gptcli.download import ensure_verdict
+        settings = _resumed(ctx, resume) if resume is not None else _new_settings(ctx)
+        _train(settings, resume is not None, quiet, json_output, main_rank)
 
-                corpus = str(ensure_verdict())
-            elif Path(corpus).is_dir() and _given(ctx, "train_ratio"):
-                raise UsageError("--train-ratio does not apply to prepared data: its split was fixed by "
-                                 "`gptcli prepare --val-ratio`")
-            settings = TrainSettings(
-                corpus=corpus, config=config, out=str(out) if out else None, epochs=epochs, batch_size=batch_size,
-                micro_batch_size=micro_batch_size, lr=lr, min_lr=min_lr, schedule=schedule,
-                warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_freq=eval_freq,
-                eval_iter=eval_iter, seed=seed, train_ratio=train_ratio, stride=stride,
-                sample_prompt=sample_prompt, sample_tokens=sample_tokens, device=device, precision=precision,
-                compile=compile, max_steps=max_steps, save_every=save_every, init=str(init) if init else None,
-                plots=plots, sampling=sampling,
-            )
 
-        # First Ctrl-C: finish the step, checkpoint, exit 130. Second: abort at once. Under torchrun
-        # a Ctrl-C reaches each process twice (from the terminal, then forwarded by the launcher):
-        # a repeat within a second is that echo, not a second Ctrl-C.
-        stop: dict[str, Any] = {"requested": False, "at": 0.0}
-        echo_window = 1.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
+def _resumed(ctx: typer.Context, resume: Path) -> Any:
+    """The run's stored settings, with the options given again checked against them."""
+    from gptcli.config import get_preset
+    from gptcli.errors import UsageError
+    from gptcli.train import RUN_FILE, TrainSettings, resolve_init_path, resumed_settings
 
-        def on_sigint(signum: int, frame: Any) -> None:
-            if stop["requested"]:
-                if time.monotonic() - stop["at"] < echo_window:
-                    return
-                raise KeyboardInterrupt
-            stop["requested"], stop["at"] = True, time.monotonic()
-            if main_rank:
-                ui.console.print("[yellow]stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+    run_file = resume / RUN_FILE
+    if not run_file.is_file():
+        raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
+    try:
+        settings = TrainSettings.from_dict(json.loads(run_file.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UsageError(f"{run_file} is damaged ({type(exc).__name__}: {exc}); it cannot be resumed") from None
+    given = {name: value for name, value in ctx.params.items()
+             if name not in RUNTIME_OPTIONS | {"preset"} and _given(ctx, name)}
+    if _given(ctx, "preset"):  # the preset stands for the shape fields not given one by one
+        preset = get_preset(ctx.params["preset"])
+        for name in ("emb_dim", "n_heads", "n_layers"):
+            given.setdefault(name, getattr(preset, name))
+    out = given.pop("out", None)
+    if out is not None and os.path.realpath(out) != os.path.realpath(resume):
+        raise UsageError(f"--out {out} is not the run being resumed ({resume}); drop --out or make it the same")
+    for name in ("corpus", "init"):
+        if given.get(name) is not None:
+            given[name] = str(resolve_init_path(given[name]) if name == "init" else given[name])
+    settings = resumed_settings(settings, given)
+    settings.out = str(resume)
+    settings.validate()
+    return settings
 
-        previous = signal.signal(signal.SIGINT, on_sigint)
-        view = ui.TrainView(quiet=quiet)
-        finished: RunFinished | None = None
+
+def _new_settings(ctx: typer.Context) -> Any:
+    """The settings of a new run from the command line, validated before anything is written."""
+    from gptcli.config import get_preset
+    from gptcli.errors import UsageError
+    from gptcli.train import TrainSettings, resolve_init_config, resolve_init_path
+
+    params = ctx.params
+    overrides: dict[str, Any] = {name: params[name] for name in MODEL_OPTIONS}
+    init = params["init"]
+    if init is not None:
+        config = resolve_init_config(str(init), {k: v for k, v in overrides.items() if _given(ctx, k)})
+        init = str(resolve_init_path(init))
+    else:
+        config = get_preset(params["preset"]).replace(**overrides)
+    corpus = params["corpus"]
+    if corpus is not None and Path(corpus).is_dir() and _given(ctx, "train_ratio"):
+        raise UsageError("--train-ratio does not apply to prepared data: its split was fixed by "
+                         "`gptcli prepare --val-ratio`")
+    fields = {name: params[name] for name in params
+              if name not in RUNTIME_OPTIONS | {"preset", "corpus", "init", "out", *MODEL_OPTIONS}}
+    settings = TrainSettings(corpus=corpus or "", config=config, out=str(params["out"]) if params["out"] else None,
+                             init=init, **fields)
+    settings.validate()
+    if corpus is None:
+        from gptcli.download import ensure_verdict
+
+        settings.corpus = str(ensure_verdict())
+    return settings
+
+
+class _StopSignals:
+    """First SIGINT or SIGTERM: finish the step, checkpoint, exit 130 or 143. A second: abort at
+    once. Under torchrun a signal reaches each process twice (from the terminal, then forwarded by
+    the launcher): a repeat within a second is that echo, not a second signal."""
+
+    def __init__(self, announce: bool) -> None:
+        self.requested: int | None = None
+        self.at = 0.0
+        self.announce = announce
+        self.echo_window = 1.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        from gptcli import ui
+
+        if self.requested is not None:
+            if time.monotonic() - self.at < self.echo_window:
+                return
+            raise KeyboardInterrupt
+        self.requested, self.at = signum, time.monotonic()
+        if self.announce:
+            again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
+            ui.console.print(f"[yellow]stopping after this step and saving a checkpoint ({again} to abort)")
+
+    def exit_code(self) -> int:
+        from gptcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+
+        return EXIT_TERMINATED if self.requested == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+def _train(settings: Any, resume: bool, quiet: bool, json_output: bool, main_rank: bool) -> None:
+    from gptcli import jsonio, ui
+    from gptcli.errors import GptcliError
+    from gptcli.train import CheckpointSaved, Evaluation, Notice, RunFinished, RunStarted, Sample, StepDone, train
+
+    view = ui.TrainView(quiet=quiet)
+    finished: RunFinished | None = None
+    with _StopSignals(announce=main_rank) as stop:
         try:
-            for event in train(settings, resume=resume is not None, stop_requested=lambda: stop["requested"]):
+            for event in train(settings, resume=resume, stop_requested=lambda: stop.requested is not None):
                 if isinstance(event, StepDone):
                     view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
                 elif isinstance(event, Evaluation):
                     view.evaluation(event)
                     if json_output:
-                        typer.echo(json.dumps(event.to_dict()))
+                        typer.echo(jsonio.dumps(event.to_dict()))
                 elif isinstance(event, Notice):
                     view.message(f"[yellow]{event.text}")
                 elif isinstance(event, Sample):
@@ -253,10 +299,11 @@ def command(
                     pass
                 elif isinstance(event, RunFinished):
                     finished = event
+        except KeyboardInterrupt:
+            raise GptcliError("aborted; the last committed checkpoint is kept", stop.exit_code()) from None
         finally:
             view.finish(finished)
-            signal.signal(signal.SIGINT, previous)
-        if finished is not None and finished.reason == "interrupted":
-            if main_rank:
-                ui.console.print(f"interrupted; continue with: gptcli train --resume {finished.out_dir}")
-            raise typer.Exit(EXIT_INTERRUPTED)
+    if finished is not None and finished.reason == "interrupted":
+        if main_rank:
+            ui.console.print(f"interrupted; continue with: gptcli train --resume {finished.out_dir}")
+        raise typer.Exit(stop.exit_code())

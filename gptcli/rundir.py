@@ -1,0 +1,238 @@
+"""A run directory: crash-consistent checkpoints, the run lock, and cleanup of interrupted writes.
+
+    RUN/
+      run.json  metrics.jsonl  loss.png  perplexity.png  .lock
+      model.safetensors -> checkpoints/latest/model.safetensors
+      checkpoints/
+        latest -> step-000014
+        step-000014/  model.safetensors  trainer.safetensors  trainer.json
+
+A checkpoint is written into `checkpoints/.tmp-*`, every file and the directory fsynced, renamed to
+`step-NNNNNN`, and committed by one atomic switch of the `latest` symlink (then the directory is
+fsynced). Only then are older checkpoints pruned. A crash at any instant, power loss included,
+leaves `latest` on a complete checkpoint; what an interrupted write leaves behind is removed the
+next time the run is opened. The top-level `model.safetensors` goes through `latest`, so it
+switches with it. Runs from before this layout (the three files at the top level) still resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from gptcli.checkpoint import MODEL_FILE
+from gptcli.errors import GptcliError, UsageError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+LOCK_FILE = ".lock"
+TRAINER_FILE = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+CHECKPOINT_FILES = (MODEL_FILE, TRAINER_FILE, TRAINER_JSON)
+KILL_ENV = "GPTCLI_TEST_KILL_AT"
+_STEP_DIR = re.compile(r"step-(\d+)")
+_save_points = 0
+
+
+def save_point() -> None:
+    """Test hook between the steps of a save: with GPTCLI_TEST_KILL_AT=N in the environment the
+    process kills itself (SIGKILL) at the Nth save point, to test crash consistency at every step."""
+    global _save_points
+    target = os.environ.get(KILL_ENV)
+    if not target:
+        return
+    _save_points += 1
+    if _save_points == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """Point `link` at `target` atomically (a new link renamed over the old), durably."""
+    tmp = link.parent / f".{link.name}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_path(link.parent, directory=True)
+
+
+def step_of(name: str) -> int | None:
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The committed checkpoint directory, or None when no checkpoint was committed."""
+    link = run_dir / CHECKPOINTS / LATEST
+    if not link.is_symlink():
+        return None
+    target = link.parent / os.readlink(link)
+    if not target.is_dir():
+        raise GptcliError(
+            f"{link} points at {target.name}, which is missing; start a new run from the weights of "
+            "another checkpoint with --init"
+        )
+    return target
+
+
+def checkpoint_to_resume(run_dir: Path) -> Path | None:
+    """Where the newest complete checkpoint's files are: the committed one, else (a run from
+    before the checkpoints/ layout) the run directory itself, else None."""
+    committed = latest_checkpoint(run_dir)
+    if committed is not None:
+        return committed
+    if all((run_dir / name).is_file() and not (run_dir / name).is_symlink() for name in CHECKPOINT_FILES):
+        return run_dir
+    return None
+
+
+def write_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
+    """Write one checkpoint's files (each by its `writer(path)`) durably into `step-NNNNNN`;
+    not yet committed. On any failure the partial directory is removed."""
+    checkpoints = run_dir / CHECKPOINTS
+    checkpoints.mkdir(exist_ok=True)
+    final = checkpoints / f"step-{step:06d}"
+    committed = latest_checkpoint(run_dir)
+    if committed is not None and committed.name == final.name:
+        # Stopped again before any step: the committed checkpoint already holds this state.
+        return final
+    if final.exists():  # never committed (opening the run removes those)
+        _remove_tree(final)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        for name, write in writers.items():
+            write(tmp / name)
+            save_point()
+            fsync_path(tmp / name)
+            save_point()
+        fsync_path(tmp, directory=True)
+        save_point()
+        os.rename(tmp, final)
+        fsync_path(checkpoints, directory=True)
+        save_point()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def commit_checkpoint(run_dir: Path, step_dir: Path) -> None:
+    """Make `step_dir` the run's checkpoint: one atomic switch of `checkpoints/latest`. The first
+    time, also link the top-level model file through it (and drop an old layout's files)."""
+    replace_symlink(run_dir / CHECKPOINTS / LATEST, step_dir.name)
+    save_point()
+    model_link = run_dir / MODEL_FILE
+    target = f"{CHECKPOINTS}/{LATEST}/{MODEL_FILE}"
+    if not (model_link.is_symlink() and os.readlink(model_link) == target):
+        replace_symlink(model_link, target)
+        save_point()
+        for name in CHECKPOINT_FILES[1:]:
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` committed checkpoints (the committed one always stays)."""
+    committed = latest_checkpoint(run_dir)
+    if committed is None:
+        return
+    newest = step_of(committed.name)
+    steps = sorted(
+        s for s in (step_of(p.name) for p in committed.parent.iterdir()) if s is not None and newest is not None
+        and s <= newest
+    )
+    for step in steps[:-keep]:
+        _remove_tree(committed.parent / f"step-{step:06d}")
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename first (atomic), then delete: a crash part-way leaves a `.tmp-*` that cleanup removes,
+    never a half-deleted checkpoint that looks complete."""
+    doomed = path.parent / f".tmp-remove-{path.name}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    save_point()
+    shutil.rmtree(doomed)
+    save_point()
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Delete what interrupted writes left: temporary files and directories, and checkpoint
+    directories that were never committed."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    checkpoints = run_dir / CHECKPOINTS
+    if not checkpoints.is_dir():
+        return
+    committed = latest_checkpoint(run_dir)
+    newest = step_of(committed.name) if committed is not None else None
+    for entry in checkpoints.iterdir():
+        step = step_of(entry.name)
+        if entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.endswith(".tmp"):
+            entry.unlink(missing_ok=True)
+        elif step is not None and (newest is None or step > newest):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_out_path(run_dir: Path) -> None:
+    """A usage error when the run directory cannot be one (a file, or inside a file)."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == run_dir else f"is inside {path}, which is a file"
+                raise UsageError(f"--out {run_dir} {what}, not a directory")
+            return
+
+
+def create_run_dir(run_dir: Path) -> bool:
+    """Create the run directory; True when it did not exist before."""
+    check_out_path(run_dir)
+    existed = run_dir.is_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
+    return not existed
+
+
+def lock_run(run_dir: Path) -> int:
+    """Hold an exclusive lock on RUN/.lock for as long as this process runs (the kernel releases it
+    when the process dies, so a stale lock never blocks). Returns the lock's file descriptor."""
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise GptcliError(f"cannot write in the run directory {run_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise GptcliError(f"{run_dir} is in use by another gptcli train (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def unlock_run(fd: int) -> None:
+    os.close(fd)
