@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -148,15 +149,14 @@ def _load_pth(path: Path, source: BookSource) -> dict[str, Any]:
     if not path.is_file():
         raise GptcliError(f"not found: {path}")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the error below says what matters
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        what = f"the class {found.group(1)}" if found else "objects other than tensors"
-        raise GptcliError(
-            f"{path}: refused: the pickle holds {what}; gptcli loads only tensors (torch.load weights_only=True)"
-        ) from None
+        raise GptcliError(f"{path}: refused: {_refusal(str(exc))}; gptcli loads only tensors "
+                          "(torch.load weights_only=True)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().split(". ")[0].splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GptcliError(f"{path}: not a readable torch file, truncated or corrupt ({first})") from None
     if isinstance(obj, dict) and "model_state_dict" in obj:
         source.optimizer_steps = _optimizer_steps(obj.get("optimizer_state_dict"))
@@ -164,6 +164,16 @@ def _load_pth(path: Path, source: BookSource) -> dict[str, Any]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise GptcliError(f"{path}: not a state dict (expected a dict of tensors, as model.state_dict() gives)")
     return obj
+
+
+def _refusal(message: str) -> str:
+    """What torch's weights-only unpickler refused, from its (long) message."""
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
+    if found:
+        return f"the pickle holds {found.group(1)}, not just tensors"
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+    reason = detail.group(1) if detail else "unpickling failed"
+    return f"not a torch state dict, or one that needs more than tensors ({reason})"
 
 
 def _optimizer_steps(state: Any) -> int | None:
