@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from gptcli import __version__
-from gptcli.commands import convert, evaluate, fetch, prepare, sample, train
+from gptcli.commands import convert, evaluate, fetch, info, prepare, sample, train
 from gptcli.errors import GptcliError
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ for _name, _module in (
     ("eval", evaluate),
     ("sample", sample),
     ("convert", convert),
+    ("info", info),
 ):
     app.command(_name, help=_module.__doc__)(_one_line_errors(_module.command))
 

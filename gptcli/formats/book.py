@@ -129,6 +129,15 @@ class BookSource:
         except Exception as exc:
             raise GptcliError(f"{self.path} is not a readable safetensors file ({exc})") from None
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype of `name` (torch's name without the `torch.` prefix)."""
+        if self._state is not None:
+            return str(self._state[name].dtype).removeprefix("torch.")
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as handle:
+            return str(handle.get_slice(name).get_dtype())
+
     def load(self, name: str) -> np.ndarray:
         import torch
 
