@@ -920,6 +920,8 @@ def convert(
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     plan = make_plan(source, source_format, verify_checksums, n_heads)
+    if n_heads is not None and plan.source_format != "book":
+        raise UsageError(f"--n-heads applies to the book's files only; {plan.source_format} files say their heads")
     output = Path(out) if out is not None else default_output(Path(source), plan.source_format, target_format)
     if target_format == "gptcli" and output.is_dir():
         output = output / MODEL_FILE
