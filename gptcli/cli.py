@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - typer that uses click itself
     from click import exceptions as click_errors  # type: ignore[no-redef]
 
 from gptcli import __version__
-from gptcli.commands import convert, evaluate, fetch, prepare, sample, train
+from gptcli.commands import convert, evaluate, fetch, info, prepare, sample, train
 from gptcli.errors import EXIT_USAGE, GptcliError
 
 _NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())  # bare `gptcli` (help already printed)
@@ -145,6 +145,7 @@ for _name, _module in (
     ("eval", evaluate),
     ("sample", sample),
     ("convert", convert),
+    ("info", info),
 ):
     app.command(_name, help=_module.__doc__)(_module.command)
 

@@ -37,8 +37,8 @@ from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
 
 GPT2_DROP_RATE = 0.1
-SOURCE_FORMATS = ("auto", "openai", "hf", "gptcli")
-TARGET_FORMATS = ("gptcli", "hf")
+SOURCE_FORMATS = ("auto", "openai", "hf", "gptcli", "book")
+TARGET_FORMATS = ("gptcli", "hf", "book", "gguf")
 
 # --------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli), as LevelDB tables and TensorFlow bundles store it (masked).
@@ -371,7 +371,8 @@ class Plan:
     tensors: list[TensorPlan]
     source: str
     source_format: str
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)  # metadata for the gptcli output
+    notes: list[str] = field(default_factory=list)  # what the user should know about the conversion
 
     @property
     def num_bytes(self) -> int:
@@ -663,10 +664,15 @@ def detect_format(source: Path) -> str:
     if not source.exists():
         raise GptcliError(f"not found: {source}")
     if source.is_file():
+        if source.suffix in (".pth", ".pt"):
+            return "book"
         if source.suffix != ".safetensors":
-            raise UsageError(f"cannot tell the format of {source}; pass --from openai|hf|gptcli")
-        metadata = read_metadata(source)
-        return "gptcli" if metadata.get("format") == FORMAT else "hf"
+            raise UsageError(f"cannot tell the format of {source}; pass --from openai|hf|gptcli|book")
+        from gptcli.formats.book import is_book_safetensors
+
+        if read_metadata(source).get("format") == FORMAT:
+            return "gptcli"
+        return "book" if is_book_safetensors(source) else "hf"
     if (source / "hparams.json").is_file() and any(source.glob("*.index")):
         return "openai"
     if (source / "config.json").is_file():
@@ -681,7 +687,9 @@ def detect_format(source: Path) -> str:
     )
 
 
-def make_plan(source: str | Path, source_format: str = "auto", verify_checksums: bool = True) -> Plan:
+def make_plan(
+    source: str | Path, source_format: str = "auto", verify_checksums: bool = True, n_heads: int | None = None
+) -> Plan:
     source = Path(source)
     if source_format not in SOURCE_FORMATS:
         raise UsageError(f"unknown source format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
@@ -693,6 +701,10 @@ def make_plan(source: str | Path, source_format: str = "auto", verify_checksums:
         return openai_plan(source, verify_checksums)
     if source_format == "hf":
         return hf_plan(source)
+    if source_format == "book":
+        from gptcli.formats.book import book_plan
+
+        return book_plan(source, n_heads)
     return gptcli_plan(source)
 
 
@@ -702,7 +714,7 @@ def make_plan(source: str | Path, source_format: str = "auto", verify_checksums:
 ProgressCallback = Callable[[int, int, str], None]  # (tensors done, tensors in all, name)
 
 
-def _write_safetensors_stream(
+def write_safetensors_stream(
     tmp: Path,
     tensors: list[TensorPlan],
     metadata: dict[str, str],
@@ -738,9 +750,9 @@ def _write_safetensors_stream(
 def write_gptcli(plan: Plan, out: str | Path, on_tensor: ProgressCallback | None = None) -> Path:
     """Write `plan` as a gptcli model file (what `gptcli.checkpoint.load_model` reads), atomically."""
     out = Path(out)
-    metadata = {"format": FORMAT, "config": plan.config.to_json(), "converted_from": plan.source_format}
+    metadata = {**plan.extra, "format": FORMAT, "config": plan.config.to_json(), "converted_from": plan.source_format}
     names = {t.name: t.name for t in plan.tensors}
-    atomic_write(out, lambda tmp: _write_safetensors_stream(tmp, plan.tensors, metadata, names, on_tensor))
+    atomic_write(out, lambda tmp: write_safetensors_stream(tmp, plan.tensors, metadata, names, on_tensor))
     return out
 
 
@@ -821,7 +833,7 @@ def write_hf(plan: Plan, out_dir: str | Path, on_tensor: ProgressCallback | None
     try:
         atomic_write(
             target / "model.safetensors",
-            lambda tmp: _write_safetensors_stream(tmp, tensors, metadata, names, on_tensor),
+            lambda tmp: write_safetensors_stream(tmp, tensors, metadata, names, on_tensor),
         )
         atomic_write(target / "config.json", lambda tmp: tmp.write_text(config_text, encoding="utf-8"))
         if fresh:
@@ -841,6 +853,10 @@ def default_output(source: Path, source_format: str, target: str) -> Path:
     stem = source.name if source.is_dir() else source.stem
     if target == "hf":
         return Path(f"{stem}-hf")
+    if target == "gguf":
+        return Path(f"{stem}.gguf")
+    if target == "book":
+        return Path(f"{stem}-book.safetensors")
     if source_format == "openai":
         return (source if source.is_dir() else source.parent) / MODEL_FILE
     return Path(f"{stem}.safetensors")
@@ -855,6 +871,7 @@ class ConvertResult:
     config: GPTConfig
     num_tensors: int
     num_bytes: int
+    notes: tuple[str, ...] = ()
 
 
 def convert(
@@ -865,14 +882,23 @@ def convert(
     verify_checksums: bool = True,
     on_tensor: ProgressCallback | None = None,
     force: bool = False,
+    n_heads: int | None = None,
+    gguf_type: str = "f32",
 ) -> ConvertResult:
-    """Convert `source` to a gptcli model file or (target "hf") a Hugging Face directory; an hf
-    directory that already holds files is written into only with `force`."""
+    """Convert `source` to a gptcli model file, a Hugging Face directory ("hf"; one that already holds
+    files is written into only with `force`), the chapter's state dict ("book", see
+    gptcli.formats.book) or a llama.cpp GGUF file ("gguf", gptcli.formats.gguf)."""
     if target_format not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
+    from gptcli.formats.gguf import GGUF_TYPES
+
+    if gguf_type not in GGUF_TYPES:
+        raise UsageError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     if target_format == "hf" and not force:
         _check_empty_dir(Path(out) if out is not None else default_output(Path(source), "", "hf"))
-    plan = make_plan(source, source_format, verify_checksums)
+    plan = make_plan(source, source_format, verify_checksums, n_heads)
+    if n_heads is not None and plan.source_format != "book":
+        raise UsageError(f"--n-heads applies to the book's files only; {plan.source_format} files say their heads")
     output = Path(out) if out is not None else default_output(Path(source), plan.source_format, target_format)
     if target_format == "gptcli" and output.is_dir():
         output = output / MODEL_FILE
@@ -882,12 +908,27 @@ def convert(
     try:
         if target_format == "hf":
             write_hf(plan, output, on_tensor)
+        elif target_format == "book":
+            from gptcli.formats.book import write_book
+
+            write_book(plan, output, on_tensor)
+        elif target_format == "gguf":
+            from gptcli.formats.gguf import write_gguf
+
+            write_gguf(plan, output, gguf_type, on_tensor=on_tensor)
         else:
             write_gptcli(plan, output, on_tensor)
     except OSError as exc:
         raise GptcliError(f"cannot write {output}: {exc.strerror or exc}") from None
     return ConvertResult(
-        plan.source, plan.source_format, target_format, output, plan.config, len(plan.tensors), plan.num_bytes
+        plan.source,
+        plan.source_format,
+        target_format,
+        output,
+        plan.config,
+        len(plan.tensors),
+        plan.num_bytes,
+        tuple(plan.notes),
     )
 
 

@@ -1,15 +1,28 @@
-"""Convert GPT-2 weights to a gptcli model file (or a gptcli model to Hugging Face's format).
+"""Convert GPT-2 weights to a gptcli model file, or a model to Hugging Face's, the book's or llama.cpp's format.
 
 SOURCE is one of (detected unless --from says which):
 OpenAI's release directory (hparams.json + model.ckpt.*), read without TensorFlow;
 a Hugging Face GPT-2 directory (config.json + model.safetensors);
-a gptcli model (a .safetensors file or a run directory).
+a gptcli model (a .safetensors file or a run directory);
+the book's model.pth or model_and_optimizer.pth (or a .safetensors with the chapter's keys).
+
+A .pth file is a pickle: gptcli reads it only with torch.load(weights_only=True),
+torch's restricted unpickler, which builds tensors and plain containers and refuses any other class (no code runs).
+The config comes from the shapes; the heads are guessed only for GPT-2's widths (768/1024/1280/1600: 12/16/20/25),
+otherwise pass --n-heads. The optimizer state of model_and_optimizer.pth is not converted (train --init starts
+a fresh AdamW); its step count is kept in the output's metadata.
 
 The output is written atomically: a failure leaves no output file. Examples:
 
   gptcli convert models/124M --out gpt2-124M.safetensors
 
+  gptcli convert model.pth --out model.safetensors
+
   gptcli convert runs/latest --to hf --out my-gpt-hf
+
+  gptcli convert runs/latest --to book --out model-book.safetensors
+
+  gptcli convert runs/latest --to gguf --gguf-type q8_0 --out model.gguf
 """
 
 from __future__ import annotations
@@ -29,25 +42,35 @@ class Source(str, enum.Enum):
     openai = "openai"
     hf = "hf"
     gptcli = "gptcli"
+    book = "book"
 
 
 class Target(str, enum.Enum):
     gptcli = "gptcli"
     hf = "hf"
+    book = "book"
+    gguf = "gguf"
+
+
+class GGUFType(str, enum.Enum):
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
 
 
 def command(
     source: Path = typer.Argument(
         ...,
-        help="OpenAI release directory, Hugging Face GPT-2 directory, or gptcli model.",
+        help="OpenAI release directory, Hugging Face GPT-2 directory, gptcli model, or the book's .pth.",
         show_default=False,
     ),
     out: Path | None = typer.Option(
         None,
         "--out",
         "-o",
-        help="Output: a .safetensors file, or with --to hf a directory. Default: <source>/model.safetensors "
-        "for OpenAI's files, ./<name>.safetensors for others, ./<name>-hf with --to hf.",
+        help="Output: a .safetensors file, with --to hf a directory, with --to gguf a .gguf file. Default: "
+        "<source>/model.safetensors for OpenAI's files, ./<name>.safetensors for others, ./<name>-hf with "
+        "--to hf, ./<name>-book.safetensors with --to book, ./<name>.gguf with --to gguf.",
     ),
     from_format: Source = typer.Option(
         Source.auto, "--from", help="Source format; auto detects it from the files present."
@@ -56,7 +79,22 @@ def command(
         Target.gptcli,
         "--to",
         help="gptcli: a model file for sample/eval/train --init; hf: a directory that "
-        "transformers' GPT2LMHeadModel.from_pretrained loads.",
+        "transformers' GPT2LMHeadModel.from_pretrained loads; book: a .safetensors with exactly the chapter's "
+        "GPTModel keys (att.mask buffers included, so GPTModel(cfg).load_state_dict(load_file(path)) works; "
+        "prints the GPT_CONFIG to use); gguf: a llama.cpp GGUF (gpt2 architecture, GPT-2's tokenizer).",
+    ),
+    n_heads: int | None = typer.Option(
+        None,
+        "--n-heads",
+        min=1,
+        help="Attention heads of a book model (not in its shapes). Default: GPT-2's for emb 768/1024/1280/1600.",
+        show_default=False,
+    ),
+    gguf_type: GGUFType = typer.Option(
+        GGUFType.f32,
+        "--gguf-type",
+        help="With --to gguf: the type of the matrices (1-D tensors stay f32); q8_0 uses the gguf package's "
+        "quantizer.",
     ),
     verify: bool = typer.Option(
         True,
@@ -72,7 +110,14 @@ def command(
 ) -> None:
     import json
 
-    result = run_conversion(source, out, from_format.value, to_format.value, verify, force)
+    result = run_conversion(source, out, from_format.value, to_format.value, verify, force, n_heads, gguf_type.value)
+    gpt_config = None
+    if result.target_format == "book":
+        from gptcli.formats.book import book_config_dict
+
+        gpt_config = book_config_dict(result.config)
+        if not json_output:
+            typer.echo(f"GPT_CONFIG = {gpt_config!r}")
     if json_output:
         report = {
             "source": result.source,
@@ -82,12 +127,24 @@ def command(
             "tensors": result.num_tensors,
             "bytes": result.num_bytes,
             "config": result.config.to_dict(),
+            "notes": list(result.notes),
         }
+        if gpt_config is not None:
+            report["GPT_CONFIG"] = gpt_config
+        if result.target_format == "gguf":
+            report["gguf_type"] = gguf_type.value
         typer.echo(json.dumps(report, indent=2))
 
 
 def run_conversion(
-    source: Path, out: Path | None, from_format: str, to_format: str, verify: bool, force: bool = False
+    source: Path,
+    out: Path | None,
+    from_format: str,
+    to_format: str,
+    verify: bool,
+    force: bool = False,
+    n_heads: int | None = None,
+    gguf_type: str = "f32",
 ) -> ConvertResult:
     """Convert with a progress bar on stderr; also used by `fetch gpt2 --convert`."""
     import time
@@ -115,7 +172,7 @@ def run_conversion(
 
     try:
         with progress:
-            result = convert(source, out, from_format, to_format, verify, on_tensor, force)
+            result = convert(source, out, from_format, to_format, verify, on_tensor, force, n_heads, gguf_type)
     except KeyboardInterrupt:
         raise GptcliError("interrupted; no output was written", EXIT_INTERRUPTED) from None
     c = result.config
@@ -125,4 +182,6 @@ def run_conversion(
         f"{c.emb_dim} dims, {c.n_heads} heads, context {c.context_length}, vocab {c.vocab_size}) "
         f"in {time.perf_counter() - start:.1f}s"
     )
+    for note in result.notes:
+        console.print(f"note: {note}")
     return result
