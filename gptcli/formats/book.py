@@ -263,14 +263,15 @@ def _check_keys(source: BookSource, config: GPTConfig) -> None:
 
 def book_plan(path: Path, n_heads: int | None = None) -> Plan:
     """A conversion plan reading the chapter's state dict (`.pth` or chapter-keyed `.safetensors`)."""
-    from gptcli.convert import Plan, TensorPlan, gptcli_shapes
+    from gptcli.checkpoint import model_shapes
+    from gptcli.convert import Plan, TensorPlan
 
     source = BookSource(path)
     config = infer_config(source, n_heads)
     _check_keys(source, config)
     from_book = {g: c for c, g in _gptcli_pairs(config.n_layers)}
     tensors = []
-    for name, shape in gptcli_shapes(config).items():
+    for name, shape in model_shapes(config).items():
         fused = re.match(r"blocks\.(\d+)\.att\.qkv\.(weight|bias)$", name)
         if fused:
             parts = [f"trf_blocks.{fused.group(1)}.att.W_{p}.{fused.group(2)}" for p in QKV]
