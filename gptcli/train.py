@@ -93,6 +93,7 @@ class TrainSettings:
     init: str | None = None
     plots: bool = True
     sampling: str = "epochs"
+    dropout_rng: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -127,6 +128,8 @@ class TrainSettings:
             raise UsageError("--sample-tokens must not be negative")
         if self.sampling not in ("epochs", "random"):
             raise UsageError(f"--sampling must be epochs or random, got {self.sampling!r}")
+        if self.dropout_rng not in ("exact", "fast"):
+            raise UsageError(f"--dropout-rng must be exact or fast, got {self.dropout_rng!r}")
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -536,7 +539,8 @@ def _train(
     import torch
 
     from gptcli.data import BatchLoader, RandomWindowLoader, WindowDataset, check_enough_tokens, load_splits
-    from gptcli.model import adamw
+    from gptcli.kernels import set_dropout_rng
+    from gptcli.optim import adamw
     from gptcli.tokenizer import encode, get_tokenizer
 
     config = settings.config
@@ -596,6 +600,7 @@ def _train(
 
     torch.manual_seed(settings.seed)
     model = build_model(settings).to(device)
+    set_dropout_rng(model, settings.dropout_rng)  # type: ignore[arg-type]
     # The chapter's optimizer: AdamW over all parameters (torch's fused kernel where it has one).
     optimizer = adamw(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
