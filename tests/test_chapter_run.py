@@ -4,11 +4,14 @@ residual's after attention and after the feed-forward), so the same losses at ev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.train import Evaluation, TrainSettings, train
 
@@ -66,6 +69,15 @@ def test_the_fast_stream_is_another_run(chapter_history, corpus, tmp_path):
     got = gptcli_history(corpus, tmp_path / "run", "fast")
     assert largest_difference(got, chapter_history) > 1e-3
     assert got[-1][1] < got[0][1] - 0.2
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dropout_rng"] == "fast"
+
+
+def test_an_unknown_dropout_rng_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(app, ["train", str(VERDICT), "--preset", "tiny", "--dropout-rng", "slow",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "--dropout-rng must be exact or fast" in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_masks_are_drawn_in_the_chapters_order():
