@@ -25,7 +25,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def enabled() -> bool:
     """Whether the fast paths may run: not under GPTCLI_KERNELS=0 and not while torch.compile traces
     (it fuses the plain ops itself)."""
-    return os.environ.get(ENV_SWITCH, "1") != "0" and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def register(name: str) -> Callable[[Kernel], Kernel]:
