@@ -16,7 +16,7 @@ Implementations:
   attention), `calc_loss_batch`, `torch.optim.AdamW` with its defaults, and the uncached
   `generate_text`;
 - gptcli: its public API, `gptcli.model.GPT` trained as `gptcli train` trains it (the loss from
-  `model(inputs, targets=targets)`, `gptcli.model.adamw`, `zero_grad(set_to_none=True)`, the loss
+  `model(inputs, targets=targets)`, `gptcli.optim.adamw`, `zero_grad(set_to_none=True)`, the loss
   read back every step), `gptcli.generate.generate` (KV-cached greedy decoding) and
   `gptcli.evaluate.sliding_window_loss` (what `gptcli eval` runs);
 - hf: transformers' GPT2LMHeadModel with its default attention (SDPA) and the optimizer its Trainer
@@ -251,7 +251,8 @@ def build_trainer(name: str, config) -> Callable[[torch.Tensor, torch.Tensor, st
 
         return step
     if name == "gptcli":
-        from gptcli.model import GPT, adamw
+        from gptcli.model import GPT
+        from gptcli.optim import adamw
 
         model = GPT(config).train()
         optimizer = adamw(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)

@@ -98,6 +98,7 @@ class TrainSettings:
     plots: bool = True
     sampling: str = "epochs"
     keep_checkpoints: int = 1
+    dropout_rng: str = "exact"
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -140,6 +141,8 @@ class TrainSettings:
             raise UsageError("--sample-tokens must not be negative")
         if self.sampling not in ("epochs", "random"):
             raise UsageError(f"--sampling must be epochs or random, got {self.sampling!r}")
+        if self.dropout_rng not in ("exact", "fast"):
+            raise UsageError(f"--dropout-rng must be exact or fast, got {self.dropout_rng!r}")
 
 
 def _option(name: str) -> str:
@@ -841,7 +844,8 @@ def _run(
     import torch
 
     from gptcli.data import BatchLoader
-    from gptcli.model import adamw
+    from gptcli.kernels import set_dropout_rng
+    from gptcli.optim import adamw
     from gptcli.tokenizer import encode
 
     config = settings.config
@@ -853,6 +857,7 @@ def _run(
 
     torch.manual_seed(settings.seed)
     model = build_model(settings, load_init=resume_from is None).to(device)
+    set_dropout_rng(model, settings.dropout_rng)  # type: ignore[arg-type]
     # The chapter's optimizer: AdamW over all parameters (torch's fused kernel where it has one).
     optimizer = adamw(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 

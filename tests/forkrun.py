@@ -55,7 +55,7 @@ def main() -> None:
     import gptcli.data
     import gptcli.train
     import gptcli.ui  # noqa: F401
-    from gptcli.model import adamw
+    from gptcli.optim import adamw
     from gptcli.tokenizer import get_tokenizer
 
     adamw([torch.zeros(1, requires_grad=True)], lr=1e-3, weight_decay=0.1)  # imports torch's compiler stack

@@ -1,6 +1,6 @@
-"""gptcli.model's fast paths equal the plain computations they replace: the chunked output layer and
-loss, the CPU attention and dropout functions, the recomputing feed-forward, the decoding kernels
-and the fused AdamW."""
+"""gptcli.kernels' fast paths equal the plain computations they replace: the chunked output layer and
+loss, the CPU attention and dropout functions (torch's own masks by default), the recomputing
+feed-forward, the decoding kernels; and gptcli.optim's fused AdamW."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import gptcli.model as gm
+from gptcli import kernels
 from gptcli.config import GPTConfig, get_preset
+from gptcli.kernels import attention, decoding, dropout
+from gptcli.kernels import loss as head_loss
+from gptcli.optim import adamw
 
 TINY = get_preset("tiny").replace(context_length=64)
 
@@ -25,7 +29,7 @@ def clone_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("chunk", [1 << 24, 4 * 50257, 50257])  # one chunk, several, one row each
 def test_lm_head_loss_equals_linear_then_cross_entropy(monkeypatch, chunk):
-    monkeypatch.setattr(gm, "LOSS_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(head_loss, "LOSS_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
     hidden = torch.randn(37, 32, requires_grad=True)
     weight = (torch.randn(50257, 32) * 0.1).requires_grad_()
@@ -37,7 +41,7 @@ def test_lm_head_loss_equals_linear_then_cross_entropy(monkeypatch, chunk):
     want = (hidden.grad.clone(), weight.grad.clone())
     hidden.grad = weight.grad = None
 
-    loss = gm.lm_head_loss(hidden, weight, targets)
+    loss = head_loss.lm_head_loss(hidden, weight, targets)
     (loss * 0.5).backward()
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(hidden.grad, want[0], atol=1e-7, rtol=1e-5)
@@ -48,15 +52,15 @@ def test_lm_head_loss_without_grad_and_with_nothing_scored():
     hidden, weight = torch.randn(5, 8), torch.randn(11, 8)
     targets = torch.tensor([1, 2, 3, 4, 5])
     with torch.no_grad():
-        got = gm.lm_head_loss(hidden, weight, targets)
+        got = head_loss.lm_head_loss(hidden, weight, targets)
     torch.testing.assert_close(got, F.cross_entropy(hidden @ weight.t(), targets))
     nothing = torch.full((5,), -100)
-    assert math.isnan(gm.lm_head_loss(hidden, weight, nothing).item())
+    assert math.isnan(head_loss.lm_head_loss(hidden, weight, nothing).item())
     assert math.isnan(F.cross_entropy(hidden @ weight.t(), nothing).item())
 
 
 def test_lm_head_loss_under_autocast_matches_autocast_linear(monkeypatch):
-    monkeypatch.setattr(gm, "LOSS_CHUNK_ELEMENTS", 3 * 1000)
+    monkeypatch.setattr(head_loss, "LOSS_CHUNK_ELEMENTS", 3 * 1000)
     torch.manual_seed(0)
     hidden = torch.randn(10, 64, requires_grad=True)
     weight = (torch.randn(1000, 64) * 0.1).requires_grad_()
@@ -67,7 +71,7 @@ def test_lm_head_loss_under_autocast_matches_autocast_linear(monkeypatch):
     want = (hidden.grad.clone(), weight.grad.clone())
     hidden.grad = weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = gm.lm_head_loss(hidden, weight, targets)
+        loss = head_loss.lm_head_loss(hidden, weight, targets)
     loss.backward()
     assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
@@ -85,14 +89,14 @@ def test_model_loss_and_gradients_equal_the_plain_path(monkeypatch, tie):
     x = torch.randint(0, config.vocab_size, (3, 20))
     y = torch.randint(0, config.vocab_size, (3, 20))
 
-    monkeypatch.setattr(gm, "_use_cpu_kernels", lambda t: False)
-    plain = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    monkeypatch.setenv("GPTCLI_KERNELS", "0")
+    plain = model(x, targets=y)
     plain.backward()
     want = clone_grads(model)
     model.zero_grad(set_to_none=True)
 
-    monkeypatch.undo()
-    monkeypatch.setattr(gm, "LOSS_CHUNK_ELEMENTS", 7 * config.vocab_size)  # several chunks
+    monkeypatch.delenv("GPTCLI_KERNELS")
+    monkeypatch.setattr(head_loss, "LOSS_CHUNK_ELEMENTS", 7 * config.vocab_size)  # several chunks
     fast = model(x, targets=y)
     fast.backward()
     got = clone_grads(model)
@@ -102,15 +106,17 @@ def test_model_loss_and_gradients_equal_the_plain_path(monkeypatch, tie):
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_feed_forward_function_equals_modules():
+def test_feed_forward_function_equals_modules(monkeypatch):
     torch.manual_seed(2)
     ff = gm.FeedForward(TINY).train()
     x = torch.randn(2, 9, TINY.emb_dim, requires_grad=True)
-    plain = ff.proj(ff.gelu(ff.fc(x)))
+    monkeypatch.setenv("GPTCLI_KERNELS", "0")
+    plain = ff(x)
     plain.sum().backward()
     want = clone_grads(ff), x.grad.clone()
     ff.zero_grad(set_to_none=True)
     x.grad = None
+    monkeypatch.delenv("GPTCLI_KERNELS")
     fast = ff(x)  # training, float32, CPU: the recomputing function
     fast.sum().backward()
     torch.testing.assert_close(fast, plain)
@@ -129,7 +135,7 @@ def test_attention_with_dropout_equals_the_chapter_formula():
     q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
     p = 0.3
     state = torch.get_rng_state()
-    out = gm.causal_attention_with_dropout(q, k, v, p)
+    out = attention.causal_attention_with_dropout(q, k, v, p)
     grad = torch.randn_like(out)
     out.backward(grad)
     got = [t.grad.clone() for t in (q, k, v)]
@@ -137,7 +143,7 @@ def test_attention_with_dropout_equals_the_chapter_formula():
         t.grad = None
 
     torch.set_rng_state(state)
-    keep = ~gm._drop_mask(torch.Size([2, 3, 10, 10]), p, torch.device("cpu"))
+    keep = ~dropout.drop_mask(torch.Size([2, 3, 10, 10]), p, torch.device("cpu"))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
     expected = (torch.softmax(scores, -1) * keep / (1 - p)) @ v
@@ -152,14 +158,14 @@ def test_attention_with_dropout_under_autocast_matches_the_formula():
     q, k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3))
     state = torch.get_rng_state()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = gm.causal_attention_with_dropout(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.2)
+        out = attention.causal_attention_with_dropout(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.2)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     got = [t.grad.clone() for t in (q, k, v)]
     for t in (q, k, v):
         t.grad = None
     torch.set_rng_state(state)
-    keep = ~gm._drop_mask(torch.Size([2, 2, 12, 12]), 0.2, torch.device("cpu"))
+    keep = ~dropout.drop_mask(torch.Size([2, 2, 12, 12]), 0.2, torch.device("cpu"))
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)
     scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
     expected = (torch.softmax(scores, -1) * keep / 0.8) @ v
@@ -173,24 +179,49 @@ def test_attention_without_dropout_is_sdpa_and_dropout_rate_is_p():
     torch.manual_seed(4)
     q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
     with torch.no_grad():  # no autograd: torch's own kernel
-        torch.testing.assert_close(gm.causal_attention_with_dropout(q, k, v, 0.0),
+        torch.testing.assert_close(attention.causal_attention_with_dropout(q, k, v, 0.0),
                                    F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    drop = torch.nn.Dropout(0.1).train()
+    drop = gm.Dropout(0.1).train()
     x = torch.ones(200_000, requires_grad=True)
-    y = gm._dropout(drop, x)
+    y = drop(x)
+    assert y.grad_fn is not None and "_Dropout" in type(y.grad_fn).__name__  # the 1-byte-mask kernel
     assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1 / 0.9)))
     assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient is the same scaled mask
-    assert gm._dropout(drop.eval(), x) is x
+    assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.002])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 17), (2, 4, 64, 64), (999, 401)])
+def test_exact_masks_and_values_are_torchs_dropout(threads, p, shape):
+    """The default masks are F.dropout's, bit for bit, from the same generator state, and leave the
+    generator where F.dropout leaves it (torch draws them serially on some CPUs, with MKL's
+    threaded stream on Intel's); the kernel's output is F.dropout's output."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(shape) + 10.0  # no zeros: the zeros of the output are the mask
+        torch.manual_seed(11)
+        want = F.dropout(x, p, training=True)
+        want_state = torch.get_rng_state()
+        torch.manual_seed(11)
+        dropped = dropout.drop_mask(x.shape, p, x.device)
+        assert torch.equal(dropped, want == 0) and torch.equal(torch.get_rng_state(), want_state)
+        torch.manual_seed(11)
+        got = gm.Dropout(p).train()(x.clone().requires_grad_())
+        assert torch.equal(got.detach(), want)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("p", "shape"), [(0.1, (1000, 400)), (0.5, (999, 401)), (0.002, (1000, 400))])
-def test_drop_masks_have_the_rate_everywhere(p, shape):
+def test_fast_drop_masks_have_the_rate_everywhere(p, shape):
     """The 16-bit path (and the uniform_ fallback for odd sizes and small rates): the rate holds
     overall and at each of the four positions that share one 64-bit draw."""
     torch.manual_seed(0)
-    mask = gm._drop_mask(torch.Size(shape), p, torch.device("cpu"))
+    mask = dropout.drop_mask(torch.Size(shape), p, torch.device("cpu"), "fast")
     assert mask.shape == shape and mask.dtype == torch.bool
     tolerance = 5 * math.sqrt(p * (1 - p) / (mask.numel() / 4))  # five standard deviations
     by_position = mask.flatten()[: mask.numel() // 4 * 4].view(-1, 4).float().mean(0)
@@ -204,7 +235,7 @@ def test_training_with_dropout_is_seeded_and_learns():
     for _ in range(2):
         torch.manual_seed(5)
         model = gm.GPT(config).train()
-        optimizer = gm.adamw(model.parameters(), lr=3e-3, weight_decay=0.1)
+        optimizer = adamw(model.parameters(), lr=3e-3, weight_decay=0.1)
         x = torch.randint(0, config.vocab_size, (4, 32))
         run = []
         for _ in range(8):
@@ -216,6 +247,31 @@ def test_training_with_dropout_is_seeded_and_learns():
         losses.append(run)
     assert losses[0] == losses[1]  # same seed, same dropout masks, same run
     assert losses[0][-1] < losses[0][0] - 1.0
+
+
+def test_the_switch_and_the_dropout_rng_choice(monkeypatch):
+    """GPTCLI_KERNELS=0 runs the plain modules (torch's dropout: the same masks as the default exact
+    kernel, so the same loss); the fast stream is another run, chosen only on request."""
+    config = TINY.replace(drop_rate=0.1)
+    torch.manual_seed(5)
+    model = gm.GPT(config).train()
+    x = torch.randint(0, config.vocab_size, (2, 32))
+
+    def seeded_loss() -> float:
+        torch.manual_seed(6)
+        return model(x, targets=x.roll(-1, 1)).item()
+
+    exact = seeded_loss()
+    monkeypatch.setenv("GPTCLI_KERNELS", "0")
+    assert not kernels.enabled()
+    assert seeded_loss() == pytest.approx(exact, abs=1e-6)
+    monkeypatch.delenv("GPTCLI_KERNELS")
+    kernels.set_dropout_rng(model, "fast")
+    assert abs(seeded_loss() - exact) > 1e-4
+    kernels.set_dropout_rng(model, "exact")
+    assert seeded_loss() == exact
+    with pytest.raises(ValueError, match="exact, fast"):
+        kernels.set_dropout_rng(model, "slow")  # type: ignore[arg-type]
 
 
 # --- decoding -----------------------------------------------------------------------------------------
@@ -232,7 +288,9 @@ def test_decoding_linear_equals_module(dtype, rows):
         try:
             torch.set_num_threads(2)
             with torch.inference_mode():
-                got = gm._linear(layer, x)
+                got = decoding.decoding_linear(layer, x)
+                assert got is not None or (dtype == torch.bfloat16 and not decoding._BF16_KERNELS)
+                got = F.linear(x, layer.weight, layer.bias) if got is None else got
                 want = F.linear(x, layer.weight, layer.bias)
         finally:
             torch.set_num_threads(threads)
@@ -256,15 +314,16 @@ def test_cached_decoding_equals_the_full_forward_pass_in_both_dtypes():
         torch.testing.assert_close(torch.cat(steps, 1).float(), full, atol=tol, rtol=tol)
 
 
+@pytest.mark.skipif(not decoding._BF16_KERNELS, reason="no oneDNN bfloat16 kernels")
 def test_packed_weights_follow_weight_updates():
     layer = torch.nn.Linear(16, 256).to(torch.bfloat16)
     x = torch.randn(1, 16).to(torch.bfloat16)
     with torch.inference_mode():
-        first = gm._linear(layer, x)
+        first = decoding.decoding_linear(layer, x)
     with torch.no_grad():
         layer.weight.mul_(2)  # a new version of the weight: the packed copy is rebuilt
     with torch.inference_mode():
-        second = gm._linear(layer, x)
+        second = decoding.decoding_linear(layer, x)
         torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias))
     assert not torch.equal(first, second)
 
@@ -277,7 +336,7 @@ def test_adamw_is_fused_on_cpu_and_equals_the_default():
     a = torch.nn.Linear(8, 8)
     b = torch.nn.Linear(8, 8)
     b.load_state_dict(a.state_dict())
-    fast = gm.adamw(a.parameters(), lr=1e-2, weight_decay=0.1)
+    fast = adamw(a.parameters(), lr=1e-2, weight_decay=0.1)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4):
         assert fast.defaults["fused"] is True
@@ -288,4 +347,4 @@ def test_adamw_is_fused_on_cpu_and_equals_the_default():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
-    assert gm.adamw([torch.zeros(2, requires_grad=True)], foreach=False).defaults["fused"] in (None, False)
+    assert adamw([torch.zeros(2, requires_grad=True)], foreach=False).defaults["fused"] in (None, False)
