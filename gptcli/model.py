@@ -64,6 +64,29 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Positions of the next `seq_len` tokens: (seq_len,) here, (batch, seq_len) for caches whose
+        rows have different lengths (gptcli.batched)."""
+        return torch.arange(self.length, self.length + seq_len, device=device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Append the new keys and values of `layer`; (keys, values, mask, is_causal) to attend with."""
+        start = self.length
+        end = start + k.shape[2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        mask = None
+        if k.shape[2] > 1 and start > 0:  # new queries see the whole cache and the causal part of themselves
+            mask = torch.ones(k.shape[2], end, dtype=torch.bool, device=k.device).tril(diagonal=start)
+        # One new query attends to every cached position; a first chunk is plain causal attention.
+        is_causal = k.shape[2] > 1 and start == 0
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], mask, is_causal
+
+    def advance(self, seq_len: int) -> None:
+        self.length += seq_len
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
@@ -86,17 +109,7 @@ class CausalSelfAttention(nn.Module):
         mask = None
         is_causal = True
         if cache is not None:
-            start = cache.length
-            end = start + seq_len
-            cache.keys[layer, :, :, start:end] = k
-            cache.values[layer, :, :, start:end] = v
-            k = cache.keys[layer, :, :, :end]
-            v = cache.values[layer, :, :, :end]
-            if seq_len == 1:
-                is_causal = False  # one new query attends to every cached position
-            elif start > 0:
-                is_causal = False
-                mask = torch.ones(seq_len, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            k, v, mask, is_causal = cache.update(layer, k, v)
 
         dropout = self.dropout if self.training else 0.0
         if dropout > 0.0 and cache is None and _use_cpu_kernels(x):
@@ -175,12 +188,15 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + seq_len} tokens exceeds the context length {self.config.context_length}"
             )
-        pos = torch.arange(start, start + seq_len, device=idx.device)
+        if cache is not None:
+            pos = cache.positions(seq_len, idx.device)
+        else:
+            pos = torch.arange(seq_len, device=idx.device)
         x = _dropout(self.drop_emb, self.tok_emb(idx) + self.pos_emb(pos))
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
-            cache.length += seq_len
+            cache.advance(seq_len)
         if last_only:
             x = x[:, -1:, :]
         if targets is not None:
