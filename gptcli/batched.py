@@ -27,16 +27,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from gptcli.errors import UsageError
-from gptcli.generate import DecodeSettings, Generation, finish_reason, make_generator, top_k_filter, top_p_filter
+from gptcli.generate import (
+    DEFAULT_BATCH_SIZE,
+    DecodeSettings,
+    Generation,
+    finish_reason,
+    make_generator,
+    top_k_filter,
+    top_p_filter,
+)
 from gptcli.model import KVCache
 
 if TYPE_CHECKING:
     from gptcli.config import GPTConfig
     from gptcli.model import GPT
-
-DEFAULT_BATCH_SIZE = 16
-"""Rows decoded together by `gptcli sample` unless --batch-size says otherwise."""
-
 
 @dataclass
 class RowEvent:

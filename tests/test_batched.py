@@ -121,3 +121,56 @@ def test_refuses_beam_search_and_bad_sizes(tiny: GPT) -> None:
         list(decode_batch(tiny, PROMPTS, DecodeSettings(), batch_size=0))
     with pytest.raises(UsageError, match="tokens"):
         list(decode_batch(tiny, [[]], DecodeSettings()))
+
+
+# --- `gptcli sample` decodes its rows in batches -------------------------------------------------
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    from gptcli.checkpoint import save_model
+
+    torch.manual_seed(1)
+    path = tmp_path / "model.safetensors"
+    save_model(path, GPT(get_preset("tiny")))
+    return path
+
+
+def run_sample(*args: str, input: str | None = None) -> str:
+    from typer.testing import CliRunner
+
+    from gptcli.cli import app
+
+    result = CliRunner().invoke(app, ["sample", *args], input=input)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+LINES = "Every effort moves you\nI HAD always thought\n\nJack Gisburn rather a cheap genius\nso\n"
+
+
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--json"]])
+def test_each_line_batched_prints_what_one_row_at_a_time_prints(model_file, extra: list[str]) -> None:
+    common = ["-m", str(model_file), "--each-line", "-n", "6", "-t", "1", "--seed", "4", "--num-samples", "2",
+              *extra]
+    one_at_a_time = run_sample(*common, "--batch-size", "1", input=LINES)
+    assert len(one_at_a_time.splitlines()) == 10
+    assert run_sample(*common, "--batch-size", "3", input=LINES) == one_at_a_time
+    assert run_sample(*common, input=LINES) == one_at_a_time
+
+
+def test_stream_of_several_samples_keeps_their_order(model_file) -> None:
+    common = ["-m", str(model_file), "-n", "5", "-t", "1", "--seed", "2", "--num-samples", "3"]
+    whole = run_sample(*common)
+    assert run_sample(*common, "--stream") == whole
+    assert whole.count("Every effort moves you") == 3
+
+
+def test_batch_size_must_be_positive(model_file) -> None:
+    from typer.testing import CliRunner
+
+    from gptcli.cli import app
+
+    result = CliRunner().invoke(app, ["sample", "-m", str(model_file), "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert "--batch-size must be at least 1" in result.output
