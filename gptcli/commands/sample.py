@@ -48,23 +48,32 @@ def read_stdin() -> str:
         raise UsageError("stdin is not UTF-8 text") from None
 
 
-def load_for_inference(model_spec: str | None, device_name: str, dtype_name: str) -> tuple[GPT, str, str]:
-    """The model on the chosen device and dtype, with a loading line on stderr; (model, path, device)."""
+def load_for_inference(
+    model_spec: str | None, device_name: str, dtype_name: str, strict_precision: bool = False
+) -> tuple[GPT, str, str, str]:
+    """The model on the chosen device and precision, with a loading line on stderr;
+    (model, path, device, precision that runs: fp32, bf16 or int8)."""
     from gptcli.checkpoint import load_model
-    from gptcli.runtime import resolve_device, resolve_dtype
+    from gptcli.runtime import resolve_device, resolve_dtype, resolve_precision
     from gptcli.ui import console
 
     device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name)
+    precision, note = resolve_precision(dtype_name, device, strict_precision)
+    if note:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     start = time.perf_counter()
-    model, path = load_model(model_spec, device=device, dtype=dtype)
+    model, path = load_model(model_spec, device=device, dtype=resolve_dtype(precision))
     params = sum(p.numel() for p in model.parameters())
+    if precision == "int8":
+        from gptcli.quantize import quantize_model
+
+        quantize_model(model)
     console.print(
         f"model {path}: {params / 1e6:.1f}M parameters, context {model.config.context_length}, "
-        f"{device} {dtype_name}, loaded in {time.perf_counter() - start:.1f} s",
+        f"{device} {precision}, loaded in {time.perf_counter() - start:.1f} s",
         markup=False, highlight=False, soft_wrap=True,
     )
-    return model, str(path), device
+    return model, str(path), device, precision
 
 
 # --- prompts and output --------------------------------------------------------------------------
@@ -140,9 +149,9 @@ class _Output:
     """Prints rows in input order as soon as they and every row before them have finished; with
     --stream, the first unfinished row's text token by token (later rows' text waits its turn)."""
 
-    def __init__(self, tokenizer: tiktoken.Encoding, settings: DecodeSettings, model_path: str, each_line: bool,
-                 stream: bool, completion_only: bool, json_output: bool) -> None:
-        self.tokenizer, self.settings, self.model_path = tokenizer, settings, model_path
+    def __init__(self, tokenizer: tiktoken.Encoding, settings: DecodeSettings, model_path: str, precision: str,
+                 each_line: bool, stream: bool, completion_only: bool, json_output: bool) -> None:
+        self.tokenizer, self.settings, self.model_path, self.precision = tokenizer, settings, model_path, precision
         self.each_line, self.stream, self.completion_only, self.json_output = (
             each_line, stream, completion_only, json_output)
         self.rows: list[_RowText] = []
@@ -197,7 +206,8 @@ class _Output:
         if self.json_output:
             record: dict[str, Any] = {
                 "prompt": row.prompt.text, "completion": completion, "token_ids": generation.token_ids,
-                "finish_reason": generation.finish_reason, "model": self.model_path, "seed": row.seed,
+                "finish_reason": generation.finish_reason, "model": self.model_path, "dtype": self.precision,
+                "seed": row.seed,
                 "settings": self.settings.to_dict(),
             }
             _write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -282,14 +292,21 @@ def command(
     json_output: bool = typer.Option(
         False, "--json", rich_help_panel=OUTPUT,
         help="One JSON object per sample per line: prompt, completion, token_ids, finish_reason, model, "
-        "seed, settings.",
+        "dtype (the precision that ran), seed, settings.",
     ),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", rich_help_panel=OUTPUT, help="Timing and tokens/s per sample on stderr.",
     ),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option(
-        "fp32", "--dtype", rich_help_panel=RUNTIME, help="Weights for inference: fp32 or bf16.",
+        "fp32", "--dtype", rich_help_panel=RUNTIME,
+        help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
+        "auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32). bf16 where it is not native "
+        "runs fp32, with a note.",
+    ),
+    strict_precision: bool = typer.Option(
+        False, "--strict-precision", rich_help_panel=RUNTIME,
+        help="Refuse (exit 2) instead of running fp32 when --dtype bf16 is not native here.",
     ),
     threads: int | None = typer.Option(
         None, "--threads", show_default=False, rich_help_panel=RUNTIME,
@@ -315,7 +332,7 @@ def command(
     set_threads(threads)
     try:
         _run(prompt, model, settings, num_samples, seed, each_line, stream, completion_only, json_output,
-             verbose, device, dtype, batch_size)
+             verbose, device, dtype, batch_size, strict_precision)
     except KeyboardInterrupt:
         if stream:
             _write("\n")
@@ -367,6 +384,7 @@ def _run(
     device_name: str,
     dtype_name: str,
     batch_size: int,
+    strict_precision: bool,
 ) -> None:
     import secrets
 
@@ -377,7 +395,7 @@ def _run(
 
     texts = _prompt_texts(prompt_arg, each_line)
     tokenizer = get_tokenizer()
-    model, model_path, device = load_for_inference(model_spec, device_name, dtype_name)
+    model, model_path, _, precision = load_for_inference(model_spec, device_name, dtype_name, strict_precision)
     prompts = _tokenize_prompts(texts, tokenizer, model, each_line)  # all checked before any output
 
     base_seed = None
@@ -393,7 +411,7 @@ def _run(
                 markup=False, highlight=False, soft_wrap=True,
             )
 
-    out = _Output(tokenizer, settings, model_path, each_line, stream, completion_only, json_output)
+    out = _Output(tokenizer, settings, model_path, precision, each_line, stream, completion_only, json_output)
     started = time.perf_counter()
     if settings.beam_width > 1:
         for prompt in prompts:
