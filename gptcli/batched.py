@@ -144,7 +144,17 @@ class _Batch:
         self.last = torch.zeros(batch_size, 1, dtype=torch.long, device=weight.device)
 
     def admit(self, slots: list[int], rows: list[_Row]) -> None:
-        """Prefill `rows`' prompts but their last token into `slots` (right-padded, causal)."""
+        """Put `rows` in `slots`: their prompts but the last token prefilled, that token next to feed."""
+        for group in _length_groups(list(zip(slots, rows, strict=True))):
+            self._prefill([slot for slot, _ in group], [row for _, row in group])
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        self.last[index] = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
+        for slot, row in zip(slots, rows, strict=True):
+            self.slots[slot] = row
+            row.slot = slot
+
+    def _prefill(self, slots: list[int], rows: list[_Row]) -> None:
+        """One forward pass over `rows`' prompts but their last token (right-padded, plain causal)."""
         width = max(len(r.ids) for r in rows) - 1
         prefix = KVCache(self.model.config, len(rows), max(width, 1), device=self.device,
                          dtype=self.cache.keys.dtype)
@@ -152,11 +162,6 @@ class _Batch:
             padded = [r.ids[:-1] + [0] * (width + 1 - len(r.ids)) for r in rows]
             self.model(torch.tensor(padded, device=self.device), cache=prefix, last_only=True)
         self.cache.fill(slots, prefix, [len(r.ids) - 1 for r in rows])
-        index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.last[index] = torch.tensor([[r.ids[-1]] for r in rows], device=self.device)
-        for slot, row in zip(slots, rows, strict=True):
-            self.slots[slot] = row
-            row.slot = slot
 
     def compact(self) -> None:
         live = [slot for slot, row in enumerate(self.slots) if row is not None]
@@ -178,6 +183,26 @@ class _Batch:
             parts.append(self.model(torch.tensor(window, device=self.device), last_only=True)[:, -1])
             rows = rows + self.windowed
         return rows, torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+
+
+PADDING_SHARE = 0.25
+"""Prefill groups rows of similar prompt lengths: padding may add at most this share of real tokens."""
+
+
+def _length_groups(entries: list[tuple[int, _Row]]) -> list[list[tuple[int, _Row]]]:
+    """`(slot, row)` entries grouped for prefilling: by prompt length, short first, each group padded
+    to its longest prompt with at most PADDING_SHARE more tokens than its prompts hold."""
+    groups: list[list[tuple[int, _Row]]] = []
+    real = 0
+    for entry in sorted(entries, key=lambda e: len(e[1].ids)):
+        length = len(entry[1].ids) - 1
+        if groups and (len(groups[-1]) + 1) * length <= (1 + PADDING_SHARE) * (real + length):
+            groups[-1].append(entry)
+            real += length
+        else:
+            groups.append([entry])
+            real = length
+    return groups
 
 
 def _choose(logits: torch.Tensor, rows: list[_Row], settings: DecodeSettings) -> torch.Tensor:
