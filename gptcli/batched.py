@@ -244,7 +244,8 @@ def decode_batch(
 
     Row i samples with its own generator seeded with `seeds[i]`. Yields a `RowEvent` with the
     generation of each row as it finishes (in finishing order), and with `tokens`, one per new
-    token too. The model should be in eval mode.
+    token too. Rows start in input order with `tokens`, else shortest prompt first. The model
+    should be in eval mode.
     """
     _check(model, prompts, settings, batch_size)
     if settings.max_new_tokens == 0 or not prompts:
@@ -256,7 +257,11 @@ def decode_batch(
         _Row(i, list(p), len(p), None if seeds is None or seeds[i] is None else make_generator(seeds[i], device))
         for i, p in enumerate(prompts)
     ]
-    waiting.reverse()  # pop() takes the next row in input order
+    if not tokens:
+        # Rows of similar prompt lengths decode together: less padding in the prefill and in the
+        # cache every step reads. (Streaming keeps input order, so the first row comes first.)
+        waiting.sort(key=lambda row: len(row.ids))
+    waiting.reverse()  # pop() takes the next row
     longest = max(len(p) for p in prompts)
     max_length = min(model.config.context_length, longest + settings.max_new_tokens - 1)
     with torch.inference_mode():
