@@ -174,3 +174,16 @@ def test_batch_size_must_be_positive(model_file) -> None:
     result = CliRunner().invoke(app, ["sample", "-m", str(model_file), "--batch-size", "0"])
     assert result.exit_code == 2
     assert "--batch-size must be at least 1" in result.output
+
+
+def test_prefill_groups_keep_padding_small() -> None:
+    from gptcli.batched import PADDING_SHARE, _length_groups, _Row
+
+    lengths = [3, 300, 5, 40, 41, 7, 2, 290, 45, 1]
+    entries = [(slot, _Row(slot, [1] * n, n, None)) for slot, n in enumerate(lengths)]
+    groups = _length_groups(entries)
+    assert sorted(slot for group in groups for slot, _ in group) == list(range(len(lengths)))
+    for group in groups:
+        real = [len(row.ids) - 1 for _, row in group]
+        assert len(real) * max(real) <= (1 + PADDING_SHARE) * sum(real) or len(real) == 1 or max(real) == 0
+    assert len(groups) < len(lengths)  # similar lengths do share a forward pass
