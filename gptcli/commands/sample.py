@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -226,6 +227,27 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _decode_rows(
+    model: GPT, rows: list[tuple[Prompt, int | None]], settings: DecodeSettings, batch_size: int, out: _Output,
+    log: Callable[[str, int, float], None],
+) -> None:
+    """Every (prompt, seed) row decoded in batches (gptcli.batched), printed through `out`."""
+    from gptcli.batched import decode_batch
+
+    started = time.perf_counter()
+    for prompt, seed in rows:
+        out.add_row(prompt, seed)
+    events = decode_batch(model, [p.ids for p, _ in rows], settings, [s for _, s in rows], batch_size,
+                          tokens=out.stream)
+    for event in events:
+        if event.generation is None:
+            out.token(event.row, event.token)  # type: ignore[arg-type]
+            continue
+        out.finished(event.row, event.generation)
+        label = rows[event.row][0].label
+        log(f"row {event.row + 1} ({label})", len(event.generation.token_ids), time.perf_counter() - started)
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -388,7 +410,6 @@ def _run(
 ) -> None:
     import secrets
 
-    from gptcli.batched import decode_batch
     from gptcli.generate import beam_search
     from gptcli.tokenizer import get_tokenizer
     from gptcli.ui import console
@@ -421,19 +442,8 @@ def _run(
             for beam in beams:
                 out.finished(out.add_row(prompt, None), beam)
     else:
-        rows = [(prompt, None if base_seed is None else base_seed + i)
-                for prompt in prompts for i in range(num_samples)]
-        for prompt, sample_seed in rows:
-            out.add_row(prompt, sample_seed)
-        events = decode_batch(model, [p.ids for p, _ in rows], settings, [s for _, s in rows], batch_size,
-                              tokens=stream)
-        for event in events:
-            if event.generation is None:
-                out.token(event.row, event.token)  # type: ignore[arg-type]
-                continue
-            out.finished(event.row, event.generation)
-            prompt = rows[event.row][0]
-            log(f"row {event.row + 1} ({prompt.label})", len(event.generation.token_ids), time.perf_counter() - started)
+        seeds = [None if base_seed is None else base_seed + i for i in range(num_samples)]
+        _decode_rows(model, [(p, s) for p in prompts for s in seeds], settings, batch_size, out, log)
     total_tokens = out.total_tokens
     seconds = time.perf_counter() - started
     console.print(
