@@ -88,6 +88,7 @@ def test_bf16_detection_can_be_simulated(monkeypatch: pytest.MonkeyPatch, env: s
     assert precision == ("bf16" if native else "fp32")
     assert (note is None) is native
     assert resolve_precision("int8", "cpu") == ("int8", None)
+    assert resolve_precision("bf16", "cpu", one_row=True) == ("bf16", None)  # decoding one row pays anyway
     if not native:
         with pytest.raises(UsageError, match="no native bf16"):
             resolve_precision("bf16", "cpu", strict=True)
@@ -103,16 +104,19 @@ def model_file(tmp_path: Path) -> Path:
 
 def test_sample_runs_fp32_where_bf16_is_not_native(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BF16_ENV, "0")
-    args = ["sample", "Hello", "-m", str(model_file), "-n", "3", "--device", "cpu", "--json"]
+    args = ["sample", "Hello", "-m", str(model_file), "-n", "3", "--device", "cpu", "--json", "--num-samples", "2"]
     result = runner.invoke(app, [*args, "--dtype", "bf16"])
     assert result.exit_code == 0, result.output
     assert "no native bf16" in result.stderr and "running fp32" in result.stderr
-    assert json.loads(result.stdout)["dtype"] == "fp32"
+    assert {json.loads(line)["dtype"] for line in result.stdout.splitlines()} == {"fp32"}
+    # One row decoded alone stays bf16: prepacked bf16 weights still halve the bytes each step reads.
+    alone = runner.invoke(app, [*args[:-2], "--dtype", "bf16", "--strict-precision"])
+    assert alone.exit_code == 0 and json.loads(alone.stdout)["dtype"] == "bf16", alone.output
     strict = runner.invoke(app, [*args, "--dtype", "bf16", "--strict-precision"])
     assert strict.exit_code == 2 and strict.stderr.splitlines()[-1].startswith("error: --dtype bf16")
-    assert json.loads(runner.invoke(app, [*args, "--dtype", "auto"]).stdout)["dtype"] == "fp32"
+    assert json.loads(runner.invoke(app, [*args[:-2], "--dtype", "auto"]).stdout)["dtype"] == "fp32"
     monkeypatch.setenv(BF16_ENV, "1")
-    assert json.loads(runner.invoke(app, [*args, "--dtype", "auto"]).stdout)["dtype"] == "bf16"
+    assert json.loads(runner.invoke(app, [*args[:-2], "--dtype", "auto"]).stdout)["dtype"] == "bf16"
 
 
 def test_sample_and_eval_take_int8(model_file: Path, tmp_path: Path) -> None:

@@ -50,16 +50,17 @@ def read_stdin() -> str:
 
 
 def load_for_inference(
-    model_spec: str | None, device_name: str, dtype_name: str, strict_precision: bool = False
+    model_spec: str | None, device_name: str, dtype_name: str, strict_precision: bool = False, one_row: bool = False
 ) -> tuple[GPT, str, str, str]:
     """The model on the chosen device and precision, with a loading line on stderr;
-    (model, path, device, precision that runs: fp32, bf16 or int8)."""
+    (model, path, device, precision that runs: fp32, bf16 or int8). `one_row`: see
+    `runtime.resolve_precision`."""
     from gptcli.checkpoint import load_model
     from gptcli.runtime import resolve_device, resolve_dtype, resolve_precision
     from gptcli.ui import console
 
     device = resolve_device(device_name)
-    precision, note = resolve_precision(dtype_name, device, strict_precision)
+    precision, note = resolve_precision(dtype_name, device, strict_precision, one_row=one_row)
     if note:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     start = time.perf_counter()
@@ -416,7 +417,9 @@ def _run(
 
     texts = _prompt_texts(prompt_arg, each_line)
     tokenizer = get_tokenizer()
-    model, model_path, _, precision = load_for_inference(model_spec, device_name, dtype_name, strict_precision)
+    one_row = settings.beam_width == 1 and (len(texts) * num_samples == 1 or batch_size == 1)
+    model, model_path, _, precision = load_for_inference(model_spec, device_name, dtype_name, strict_precision,
+                                                         one_row)
     prompts = _tokenize_prompts(texts, tokenizer, model, each_line)  # all checked before any output
 
     base_seed = None
