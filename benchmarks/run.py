@@ -62,6 +62,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
+SHARED = Path(os.environ.get("GPTCLI_SHARED", ROOT.parent / "shared"))
+VERDICT = SHARED / "data" / "the-verdict.txt"
+SHARED_BPE = SHARED / "data" / "gpt2"
 LR, WEIGHT_DECAY = 4e-4, 0.1
 
 
@@ -93,6 +96,13 @@ class Plan:
     prepare_mb: int = 100
     peak_size: int = 2048
     bandwidth_mb: int = 512
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 32)
+    batch_prompts: int = 64  # the-verdict's first non-empty lines
+    batch_tokens: int = 100
+    batch_reps: int = 2
+    dtype_tokens: int = 200
+    dtype_reps: int = 3
+    dtype_eval_tokens: int = 2049  # int8 vs fp32 perplexity on the-verdict's first tokens
     tiny: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -101,12 +111,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.tiny:
         return Plan(train_batches=(2,), train_reps=1, memory_batches=(2,), memory_steps=2, memory_reps=1,
                     memory_all=False, gen_tokens=(8,), gen_reps=1, gen_reps_long=1, eval_windows=2, eval_reps=1,
-                    help_reps=1, prepare_mb=0, peak_size=256, bandwidth_mb=32, tiny=True,
+                    help_reps=1, prepare_mb=0, peak_size=256, bandwidth_mb=32, batch_sizes=(1, 4), batch_prompts=6,
+                    batch_tokens=6, batch_reps=1, dtype_tokens=8, dtype_reps=1, dtype_eval_tokens=200, tiny=True,
                     notes=["--tiny: tiny shapes, one repetition: checks that the suite runs, no figure means anything"])
     if args.quick:
         return Plan(train_batches=(2,), train_reps=3, memory_batches=(2,), memory_reps=2, memory_all=False,
                     gen_tokens=(50, 200),
                     gen_reps=3, gen_reps_long=1, eval_windows=2, eval_reps=3, help_reps=5, prepare_mb=20,
+                    batch_reps=1, dtype_reps=2,
                     notes=["--quick: 3 repetitions (1 for 200-token generation), batch 2 only, peak memory of the "
                            "chapter and gptcli only (2 rounds), 20 MB for prepare"])
     return Plan()
@@ -610,6 +622,121 @@ class Suite:
         del models
         gc.collect()
 
+    # -- batched decoding (gptcli sample's rows) and the inference precisions
+    def _decode_model(self):
+        from gptcli.model import GPT
+
+        torch.manual_seed(123)
+        model = GPT(gpt2_config(self.plan.tiny)).eval()
+        with torch.no_grad():  # GPT-2-like scales, so the logits are not degenerate
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02)
+        return model
+
+    def batched(self) -> None:
+        """Greedy decoding of the-verdict's first lines, `batch_tokens` each, at each batch size:
+        aggregate tokens/s, and useful FLOP/s (2 per weight that multiplies, per token) against the
+        fp32 matmul peak. Batch b decodes max(4 b, 4) of the prompts (up to all of them): the rate is
+        steady once the batch is full, and batch 1 over all 64 would take minutes."""
+        from gptcli.batched import decode_batch
+        from gptcli.generate import DecodeSettings
+
+        model = self._decode_model()
+        config = model.config
+        prompts = [p[: config.context_length // 2] for p in verdict_lines(self.plan.batch_prompts)]  # --tiny: ctx 128
+        settings = DecodeSettings(max_new_tokens=self.plan.batch_tokens, stop_at_eos=False)
+        outputs: dict[str, list[list[int]]] = {}
+
+        def run(size: int, count: int) -> Callable[[], float]:
+            def decode() -> float:
+                rows = prompts[:count]
+                done = {e.row: e.generation.token_ids for e in decode_batch(model, rows, settings, batch_size=size)
+                        if e.generation is not None}
+                outputs[f"batch {size}"] = [done[i] for i in range(len(rows))]
+                return sum(len(t) for t in done.values())
+            return decode
+
+        fns = {f"batch {b}": run(b, min(len(prompts), max(4 * b, 4))) for b in self.plan.batch_sizes}
+        case = f"batched greedy, {self.plan.batch_tokens} tokens/row"
+        log(f"  {case}: {', '.join(fns)}")
+        warm = DecodeSettings(max_new_tokens=2, stop_at_eos=False)
+        list(decode_batch(model, prompts[:4], warm, batch_size=4))  # warm-up: kernels, allocator
+        rates = interleaved(fns, self.plan.batch_reps, 0)
+        # Useful work per generated token: its own step and its share of its row's prompt (the
+        # prefill), 2 FLOPs per weight that multiplies, plus attention over the average context.
+        avg_prompt = statistics.mean(len(p) for p in prompts)
+        tokens_per_new = 1 + avg_prompt / self.plan.batch_tokens
+        avg_context = avg_prompt + self.plan.batch_tokens / 2
+        flops = tokens_per_new * (2 * matmul_params(config) + 4 * config.n_layers * config.emb_dim * avg_context)
+        peak = self.peaks["fp32_gflops"]
+        reference = outputs["batch 1"]
+        rows = []
+        for name, values in rates.items():
+            gflops = statistics.median(values) * flops / 1e9
+            same = outputs[name][: len(reference)] == reference  # the rows batch 1 decoded
+            rows.append(Row(case, f"gptcli {name}", values, "tokens/s",
+                            extra=f"{gflops:.0f} GFLOP/s = {gflops / peak:.0%} of fp32 peak",
+                            note=("same tokens as batch 1" if same else "TOKENS DIFFER from batch 1")
+                            + f"; load {os.getloadavg()[0]:.1f}"))
+        by_name = self.add(rows, "gptcli batch 1")
+        for b, goal in ((4, 3.0), (16, 6.0)):
+            if f"gptcli batch {b}" in by_name:
+                self.targets.append(Target(f"batched: batch {b} / batch 1", by_name[f"gptcli batch {b}"].ratio, goal))
+        if "gptcli batch 32" in by_name:
+            share = by_name["gptcli batch 32"].median * flops / 1e9 / peak
+            self.targets.append(Target("batched: batch 32 useful FLOP/s / fp32 matmul peak", share, 0.5))
+
+    def dtypes(self) -> None:
+        """Single-stream greedy decoding in fp32, bf16 and int8, interleaved, and int8's perplexity
+        against fp32's on the-verdict (the same random GPT-2 124M weights)."""
+        import copy
+
+        from gptcli.generate import generate as gptcli_generate
+        from gptcli.quantize import quantize_model
+        from gptcli.runtime import bf16_is_native
+
+        fp32 = self._decode_model()
+        models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16),
+                  "int8": quantize_model(copy.deepcopy(fp32))}
+        n = self.plan.dtype_tokens
+        prompt = torch.tensor([PROMPT])
+
+        def run(model) -> Callable[[], float]:
+            return lambda: len(gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0])
+
+        case = f"decode {n} tokens by dtype"
+        log(f"  {case}")
+        rates = interleaved({name: run(m) for name, m in models.items()}, self.plan.dtype_reps, 1)
+        config = fp32.config
+        bytes_per = {"fp32": weight_bytes(config, torch.float32), "bf16": weight_bytes(config, torch.bfloat16),
+                     "int8": matmul_params(config)}
+        read = self.peaks.get("read_gbps")
+        rows = []
+        for name, values in rates.items():
+            extra = ""
+            if read:
+                bound = read * 1e9 / bytes_per[name]
+                extra = f"{statistics.median(values) / bound:.0%} of {bound:.0f}/s bound"
+            rows.append(Row(case, f"gptcli {name}", values, "tokens/s", extra=extra,
+                            note=f"load {os.getloadavg()[0]:.1f}"))
+        by_name = self.add(rows, "gptcli fp32")
+        self.targets.append(Target(f"decode {n}: int8 / fp32", by_name["gptcli int8"].ratio, 2.0))
+        if bf16_is_native("cpu"):
+            self.targets.append(Target(f"decode {n}: bf16 / fp32 (native bf16)", by_name["gptcli bf16"].ratio, 1.5))
+        self._int8_perplexity(models)
+
+    def _int8_perplexity(self, models: dict[str, Any]) -> None:
+        from gptcli.evaluate import perplexity, sliding_window_loss
+
+        tokens = verdict_tokens()[: self.plan.dtype_eval_tokens]
+        ppl = {name: perplexity(sliding_window_loss(models[name], tokens, batch_size=2)[0])
+               for name in ("fp32", "int8")}
+        change = abs(ppl["int8"] - ppl["fp32"]) / ppl["fp32"]
+        self.notes.append(f"int8 perplexity on the-verdict's first {len(tokens)} tokens (random 124M weights): "
+                          f"{ppl['int8']:.2f} vs fp32 {ppl['fp32']:.2f} ({change:.3%} apart)")
+        self.targets.append(Target("int8 perplexity: relative change vs fp32", change, 0.01, at_most=True))
+
     # -- start-up time of the CLI
     def startup(self) -> None:
         log("gptcli --help")
@@ -703,8 +830,38 @@ class Suite:
         return {
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "load_average": load, "transformers": transformers_version(),
+            "load_average": load, "transformers": transformers_version(), "cpu_flags": cpu_flags(),
+            "bf16_native": _bf16_native(),
         }
+
+
+def verdict_tokens() -> list[int]:
+    from gptcli.tokenizer import encode, get_tokenizer
+
+    return encode(get_tokenizer(SHARED_BPE if SHARED_BPE.is_dir() else None), VERDICT.read_text(encoding="utf-8"))
+
+
+def verdict_lines(count: int) -> list[list[int]]:
+    """The token ids of the-verdict's first `count` non-empty lines (repeated if it has fewer)."""
+    from gptcli.tokenizer import encode, get_tokenizer
+
+    tokenizer = get_tokenizer(SHARED_BPE if SHARED_BPE.is_dir() else None)
+    lines = [line for line in VERDICT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [encode(tokenizer, lines[i % len(lines)]) for i in range(count)]
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that matter to these kernels, as /proc/cpuinfo lists them."""
+    from gptcli.runtime import cpu_flags as all_flags
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd", "bf16")
+    return sorted(set(wanted) & all_flags())
+
+
+def _bf16_native() -> bool:
+    from gptcli.runtime import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
 
 
 def cpu_name() -> str:
@@ -779,8 +936,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, to check that the suite runs (seconds)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure to PATH as JSON")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice, the core count)")
-    parser.add_argument("--only", default="train,memory,inference,prepare,startup",
-                        help="comma-separated cases: train, memory, inference, prepare, startup (default: all)")
+    parser.add_argument("--only", default="train,memory,inference,batched,dtypes,prepare,startup",
+                        help="comma-separated cases: train, memory, inference, batched, dtypes, prepare, startup "
+                        "(default: all)")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -812,12 +970,20 @@ def main(argv: list[str] | None = None) -> int:
         suite.memory()
     if "inference" in only:
         suite.inference()
+    if "batched" in only:
+        log("batched decoding")
+        suite.batched()
+    if "dtypes" in only:
+        log("decoding precisions")
+        suite.dtypes()
     if "prepare" in only:
         suite.prepare()
     elapsed = time.perf_counter() - started
 
     print(suite.table())
     print()
+    print(f"cpu flags: {' '.join(env['cpu_flags']) or 'n/a'}; native bf16: {'yes' if env['bf16_native'] else 'no'}; "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print(f"machine: {env['cpu']}, {env['cpus']} CPUs, {env['capability']}; torch {env['torch']} with "
           f"{env['threads']} threads; transformers {env['transformers'] or 'not installed'}")
     print(f"ceilings measured: matmul {suite.peaks['fp32_gflops']:.0f} GFLOP/s fp32, "

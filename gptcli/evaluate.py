@@ -109,43 +109,77 @@ def sliding_window_loss(
     device: torch.device | str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[float, int]:
-    """Mean cross-entropy of predicting tokens[1:] and the number of predictions (see `token_windows`).
+    """Mean cross-entropy of predicting tokens[1:] and the number of predictions (see `token_windows`)."""
+    (loss, count), = window_losses(model, [tokens], stride, batch_size, device, on_batch)
+    return loss, count
 
-    Windows are batched `batch_size` at a time; the shorter last window is right-padded, which causal
-    attention never lets earlier positions see. `on_batch(done, total)` reports progress.
+
+def window_losses(
+    model: GPT,
+    sources: Sequence[Sequence[int] | np.ndarray],
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """(mean cross-entropy, predictions) of each source's tokens[1:], scored with `token_windows`.
+
+    The windows of all sources are batched together, `batch_size` at a time, so short files share
+    forward passes; a shorter window is right-padded, which causal attention never lets earlier
+    positions see. `on_batch(done, total)` reports progress.
     """
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    context_length = model.config.context_length
-    windows = token_windows(len(tokens), context_length, stride or context_length)
-    if not windows:
-        raise UsageError(f"need at least 2 tokens to compute a loss, got {len(tokens)}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    total, count = 0.0, 0
+    context_length = model.config.context_length
+    windows = []  # (source, begin, end, first)
+    for index, tokens in enumerate(sources):
+        found = token_windows(len(tokens), context_length, stride or context_length)
+        if not found:
+            raise UsageError(f"need at least 2 tokens to compute a loss, got {len(tokens)}")
+        windows += [(index, *window) for window in found]
+    ids = [torch.from_numpy(np.asarray(tokens, dtype=np.int64)) for tokens in sources]
+    totals = torch.zeros(len(sources), dtype=torch.float64)
+    counts = torch.zeros(len(sources), dtype=torch.long)
     num_batches = -(-len(windows) // batch_size)
     with torch.inference_mode():
         for b in range(num_batches):
             group = windows[b * batch_size : (b + 1) * batch_size]
-            width = max(end - begin for begin, end, _ in group)
-            inputs = torch.zeros(len(group), width, dtype=torch.long)
-            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
-            for row, (begin, end, first) in enumerate(group):
-                inputs[row, : end - begin] = ids[begin:end]
-                targets[row, first : end - begin] = ids[begin + 1 + first : end + 1]
-            logits = model(inputs.to(device))
-            loss = F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.to(device).flatten(),
-                ignore_index=IGNORE_INDEX, reduction="sum",
-            )
-            total += loss.item()
-            count += int((targets != IGNORE_INDEX).sum())
+            inputs, targets = _window_batch(ids, group)
+            losses = _token_losses(model, inputs.to(device), targets.to(device)).cpu().double()
+            which = torch.tensor([source for source, *_ in group])
+            totals.index_add_(0, which, losses.sum(dim=1))
+            counts.index_add_(0, which, (targets != IGNORE_INDEX).sum(dim=1))
             if on_batch is not None:
                 on_batch(b + 1, num_batches)
-    return total / count, count
+    return [(float(total / count), int(count)) for total, count in zip(totals, counts, strict=True)]
+
+
+def _window_batch(
+    ids: list[torch.Tensor], group: list[tuple[int, int, int, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets (IGNORE_INDEX where not scored) of a group of windows."""
+    import torch
+
+    width = max(end - begin for _, begin, end, _ in group)
+    inputs = torch.zeros(len(group), width, dtype=torch.long)
+    targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (source, begin, end, first) in enumerate(group):
+        inputs[row, : end - begin] = ids[source][begin:end]
+        targets[row, first : end - begin] = ids[source][begin + 1 + first : end + 1]
+    return inputs, targets
+
+
+def _token_losses(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each target (rows, seq), 0 where not scored."""
+    import torch.nn.functional as F
+
+    logits = model(inputs)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
 
 
 def evaluate_tokens(
@@ -158,13 +192,29 @@ def evaluate_tokens(
     device: torch.device | str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    if max_tokens is not None:
-        tokens = tokens[:max_tokens]
-    if len(tokens) < 2:
-        raise UsageError(f"{source}: need at least 2 tokens to compute a loss, got {len(tokens)}")
-    check_model_vocab(model, tokens, source)
-    loss, _ = sliding_window_loss(model, tokens, stride, batch_size, device, on_batch)
-    return EvalResult(source, len(tokens), loss)
+    return evaluate_sources(model, [(source, tokens)], stride, batch_size, max_tokens, device, on_batch)[0]
+
+
+def evaluate_sources(
+    model: GPT,
+    sources: Sequence[tuple[str, Sequence[int] | np.ndarray]],
+    stride: int | None = None,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[EvalResult]:
+    """The loss of each (name, tokens) source, their windows batched together (`window_losses`)."""
+    named = []
+    for name, tokens in sources:
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        if len(tokens) < 2:
+            raise UsageError(f"{name}: need at least 2 tokens to compute a loss, got {len(tokens)}")
+        check_model_vocab(model, tokens, name)
+        named.append((name, tokens))
+    losses = window_losses(model, [tokens for _, tokens in named], stride, batch_size, device, on_batch)
+    return [EvalResult(name, len(tokens), loss) for (name, tokens), (loss, _) in zip(named, losses, strict=True)]
 
 
 def check_model_vocab(model: GPT, tokens: Sequence[int] | np.ndarray, source: str) -> None:

@@ -45,6 +45,10 @@ class KVCache:
 
     Shape (n_layers, batch, n_heads, max_length, head_dim). `length` is how many positions are
     filled; the model appends to it on each cached forward pass.
+
+    The model goes through three hooks: `positions` (where the new tokens sit), `append` (store
+    them, once per layer) and `advance` (count them). gptcli.batched's RaggedKVCache overrides
+    them for rows of different lengths.
     """
 
     def __init__(
@@ -60,6 +64,11 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+
+    def positions(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        """Positions of the next `seq_len` tokens: (seq_len,) here; (batch, seq_len) in caches whose
+        rows have different lengths."""
+        return torch.arange(self.length, self.length + seq_len, device=device)
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -77,6 +86,10 @@ class KVCache:
             return keys, values, None, False
         mask = torch.ones(k.shape[2], end, dtype=torch.bool, device=k.device).tril(diagonal=start)
         return keys, values, mask, False
+
+    def advance(self, seq_len: int) -> None:
+        """Count the `seq_len` positions every layer has just appended."""
+        self.length += seq_len
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search: follow each surviving beam's parent)."""
@@ -194,12 +207,12 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + seq_len} tokens exceeds the context length {self.config.context_length}"
             )
-        pos = torch.arange(start, start + seq_len, device=idx.device)
+        pos = cache.positions(seq_len, idx.device) if cache is not None else torch.arange(seq_len, device=idx.device)
         x = self.drop_emb(self.tok_emb(idx) + self.pos_emb(pos))
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)
         if cache is not None:
-            cache.length += seq_len
+            cache.advance(seq_len)
         if last_only:
             x = x[:, -1:, :]
         x = self.final_norm(x)

@@ -136,7 +136,7 @@ def test_files_stdin_and_table(model_file: Path, tmp_path: Path) -> None:
     "args",
     [
         ["--stride", "0"], ["--stride", "65"], ["--batch-size", "0"], ["--max-tokens", "1"],
-        ["--device", "tpu"], ["--dtype", "int8"], ["-", "-"], ["--threads", "0"],
+        ["--device", "tpu"], ["--dtype", "fp16"], ["-", "-"], ["--threads", "0"],
     ],
 )
 def test_invalid_values_exit_2(model_file: Path, args: list[str]) -> None:
@@ -192,3 +192,18 @@ def test_run_split_loss_equals_training_loss(tmp_path: Path, tokenizer) -> None:
     expected = mean_batch_loss(model, all_train.batches(None), len(all_train))
     assert train_record["loss"] == pytest.approx(expected, abs=1e-5)
     assert evaluate_run_splits(model, run, tokenizer)[1].loss == pytest.approx(val_loss, abs=1e-6)
+
+
+def test_windows_of_several_files_batch_together_with_each_file_scored_alone(tokenizer) -> None:
+    from gptcli.evaluate import evaluate_sources, evaluate_tokens
+    from gptcli.tokenizer import encode
+
+    torch.manual_seed(3)
+    model = GPT(get_preset("tiny").replace(context_length=16)).eval()
+    tokens = encode(tokenizer, VERDICT.read_text(encoding="utf-8"))
+    sources = [("a", tokens[:50]), ("b", tokens[100:103]), ("c", tokens[200:297])]
+    together = evaluate_sources(model, sources, stride=8, batch_size=5)
+    for (name, part), result in zip(sources, together, strict=True):
+        alone = evaluate_tokens(model, name, part, stride=8, batch_size=1)
+        assert (result.source, result.tokens) == (name, len(part))
+        assert result.loss == pytest.approx(alone.loss, rel=1e-5)

@@ -290,7 +290,8 @@ def test_json_output(model_file: Path) -> None:
     records = json_lines(result.stdout)
     assert len(records) == 2
     for i, record in enumerate(records):
-        assert set(record) == {"prompt", "completion", "token_ids", "finish_reason", "model", "seed", "settings"}
+        assert set(record) == {"prompt", "completion", "token_ids", "finish_reason", "model", "dtype", "seed",
+                               "settings"}
         assert record["prompt"] == "Hello" and record["seed"] == 5 + i
         assert record["finish_reason"] in ("length", "eos")
         assert record["settings"]["top_k"] == 20 and record["model"] == str(model_file)

@@ -278,7 +278,7 @@ def test_the_switch_and_the_dropout_rng_choice(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 32, decoding.PACKED_ROWS])
 def test_decoding_linear_equals_module(dtype, rows):
     torch.manual_seed(6)
     for out_features in (257, 1024):  # not divisible by the thread count, and divisible
@@ -312,6 +312,17 @@ def test_cached_decoding_equals_the_full_forward_pass_in_both_dtypes():
             cache = gm.KVCache(config, 1, dtype=dtype)
             steps = [m(idx[:, :4], cache)] + [m(idx[:, i : i + 1], cache, last_only=True) for i in range(4, 12)]
         torch.testing.assert_close(torch.cat(steps, 1).float(), full, atol=tol, rtol=tol)
+
+
+def test_decoding_linear_declines_more_rows_and_int8_weights():
+    from gptcli.quantize import Int8Linear
+
+    layer = torch.nn.Linear(64, 256)
+    with torch.inference_mode():
+        assert decoding.decoding_linear(layer, torch.randn(decoding.PACKED_ROWS + 1, 64)) is None
+        int8 = Int8Linear(layer)
+        assert int8.weight.dtype == torch.int8
+        assert decoding.decoding_linear(int8, torch.randn(1, 64)) is None  # the layer's own forward runs
 
 
 @pytest.mark.skipif(not decoding._BF16_KERNELS, reason="no oneDNN bfloat16 kernels")

@@ -36,17 +36,26 @@ def command(
         help="Tokens between windows of the context length; below the context length each token is still "
         "scored once, with more earlier tokens as context (slower, lower loss). Default: the context length.",
     ),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    batch_size: int = typer.Option(
+        4, "--batch-size", help="Windows per forward pass (the windows of all files are batched together).",
+    ),
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", show_default=False, help="Score only the first N tokens of each source.",
     ),
     json_output: bool = typer.Option(
         False, "--json",
-        help="One JSON object per source (source, tokens, loss, perplexity) instead of a table.",
+        help="One JSON object per source (source, tokens, loss, perplexity, dtype) instead of a table.",
     ),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option(
-        "fp32", "--dtype", rich_help_panel=RUNTIME, help="Weights for inference: fp32 or bf16.",
+        "fp32", "--dtype", rich_help_panel=RUNTIME,
+        help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
+        "auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32). bf16 where it is not native "
+        "runs fp32, with a note.",
+    ),
+    strict_precision: bool = typer.Option(
+        False, "--strict-precision", rich_help_panel=RUNTIME,
+        help="Refuse (exit 2) instead of running fp32 when --dtype bf16 is not native here.",
     ),
     threads: int | None = typer.Option(
         None, "--threads", show_default=False, rich_help_panel=RUNTIME,
@@ -68,7 +77,7 @@ def command(
         raise UsageError("stdin ('-') can be read only once")
     set_threads(threads)
     try:
-        _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype)
+        _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype, strict_precision)
     except KeyboardInterrupt:
         raise GptcliError("interrupted", EXIT_INTERRUPTED) from None
 
@@ -104,10 +113,11 @@ def _run(
     json_output: bool,
     device_name: str,
     dtype_name: str,
+    strict_precision: bool,
 ) -> None:
     from gptcli.commands._common import load_for_inference
     from gptcli.data import tokenize
-    from gptcli.evaluate import evaluate_run_splits, evaluate_tokens, read_run_settings
+    from gptcli.evaluate import evaluate_run_splits, evaluate_sources, read_run_settings
     from gptcli.tokenizer import get_tokenizer
     from gptcli.ui import console
 
@@ -115,7 +125,9 @@ def _run(
         read_run_settings(run)  # a clear error before loading anything
     sources = _read_sources(files, run)  # read (and fail) before the model loads
     tokenizer = get_tokenizer()
-    model, _, device = load_for_inference(run if run is not None else model_spec, device_name, dtype_name)
+    model, _, device, precision = load_for_inference(
+        run if run is not None else model_spec, device_name, dtype_name, strict_precision
+    )
     context_length = model.config.context_length
     if stride is not None and stride > context_length:
         raise UsageError(
@@ -127,16 +139,15 @@ def _run(
     if run is not None:
         console.print(f"scoring the train and val split of {run}", markup=False, highlight=False, soft_wrap=True)
         results += evaluate_run_splits(model, run, tokenizer, max_tokens, device)
-    for name, text in sources:
-        tokens = tokenize(text, tokenizer)
-        with console.status(f"scoring {name} ({len(tokens):,} tokens)") as status:
+    if sources:
+        named = [(name, tokenize(text, tokenizer)) for name, text in sources]
+        what = named[0][0] if len(named) == 1 else f"{len(named)} sources"
+        with console.status(f"scoring {what} ({sum(len(t) for _, t in named):,} tokens)") as status:
 
-            def progress(done: int, total: int, status=status, name=name) -> None:
-                status.update(f"scoring {name}: batch {done}/{total}")
+            def progress(done: int, total: int) -> None:
+                status.update(f"scoring {what}: batch {done}/{total}")
 
-            results.append(evaluate_tokens(
-                model, name, tokens, stride, batch_size, max_tokens, device, on_batch=progress,
-            ))
+            results += evaluate_sources(model, named, stride, batch_size, max_tokens, device, on_batch=progress)
     scored = sum(r.tokens for r in results)
     seconds = time.perf_counter() - started
     console.print(
@@ -145,7 +156,7 @@ def _run(
     )
     if json_output:
         for result in results:
-            sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps({**result.to_dict(), "dtype": precision}, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     else:
         _print_table(results)

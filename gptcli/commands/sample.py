@@ -6,7 +6,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ import typer
 
 from gptcli.commands._common import load_for_inference, read_stdin, stdin_is_piped
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
+from gptcli.generate import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     import tiktoken
@@ -82,20 +83,98 @@ def _decode(tokenizer: tiktoken.Encoding, ids: list[int]) -> str:
     return tokenizer.decode([i for i in ids if i < tokenizer.n_vocab])
 
 
-def _text_pieces(tokenizer: tiktoken.Encoding, tokens: Iterator[int], seen: list[int]) -> Iterator[str]:
-    """Text of each new token as it comes; a character split across tokens waits for its last byte."""
-    import codecs
+class _RowText:
+    """One output row: its prompt, seed, and the text of its tokens as they come (a character split
+    across tokens waits for its last byte)."""
 
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in tokens:
-        seen.append(token)
-        if token < tokenizer.n_vocab:
-            piece = utf8.decode(tokenizer.decode_single_token_bytes(token))
-            if piece:
-                yield piece
-    tail = utf8.decode(b"", final=True)
-    if tail:
-        yield tail
+    def __init__(self, tokenizer: tiktoken.Encoding, prompt: Prompt, seed: int | None) -> None:
+        import codecs
+
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.seed = seed
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending: list[str] = []  # streamed text not printed yet
+        self.generation: Generation | None = None
+
+    def piece(self, token: int) -> str:
+        if token >= self.tokenizer.n_vocab:
+            return ""
+        return self.utf8.decode(self.tokenizer.decode_single_token_bytes(token))
+
+    def tail(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+class _Output:
+    """Prints rows in input order as soon as they and every row before them have finished; with
+    --stream, the first unfinished row's text token by token (later rows' text waits its turn)."""
+
+    def __init__(self, tokenizer: tiktoken.Encoding, settings: DecodeSettings, model_path: str, precision: str,
+                 each_line: bool, stream: bool, completion_only: bool, json_output: bool) -> None:
+        self.tokenizer, self.settings, self.model_path, self.precision = tokenizer, settings, model_path, precision
+        self.each_line, self.stream, self.completion_only, self.json_output = (
+            each_line, stream, completion_only, json_output)
+        self.rows: list[_RowText] = []
+        self.head = 0  # the first row not printed in full
+        self.head_started = False  # whether the head row's prompt is printed (--stream)
+        self.total_tokens = 0
+
+    def add_row(self, prompt: Prompt, seed: int | None) -> int:
+        self.rows.append(_RowText(self.tokenizer, prompt, seed))
+        return len(self.rows) - 1
+
+    def _text(self, text: str) -> str:
+        return _one_line(text) if self.each_line else text
+
+    def _begin(self, row: _RowText) -> None:
+        if not (self.each_line or self.json_output or self.head == 0):
+            _write("\n")  # a blank line between samples
+        if self.stream:
+            _write(self._text("" if self.completion_only else row.prompt.text) + "".join(row.pending))
+            row.pending.clear()
+            self.head_started = True
+
+    def token(self, index: int, token: int) -> None:
+        row = self.rows[index]
+        row.pending.append(self._text(row.piece(token)))
+        if index == self.head:
+            if not self.head_started:
+                self._begin(row)
+            _write("".join(row.pending))
+            row.pending.clear()
+
+    def finished(self, index: int, generation: Generation) -> None:
+        self.rows[index].generation = generation
+        self.total_tokens += len(generation.token_ids)
+        while self.head < len(self.rows) and self.rows[self.head].generation is not None:
+            row = self.rows[self.head]
+            if not self.head_started:
+                self._begin(row)
+            if self.stream:
+                _write(self._text("".join(row.pending) + row.tail()) + "\n")
+            else:
+                self._print_whole(row)
+            self.head += 1
+            self.head_started = False
+        if self.stream and self.head < len(self.rows) and self.rows[self.head].pending:
+            self._begin(self.rows[self.head])  # the next row's text so far, then it streams live
+
+    def _print_whole(self, row: _RowText) -> None:
+        generation = row.generation
+        assert generation is not None
+        completion = _decode(self.tokenizer, generation.token_ids)
+        if self.json_output:
+            record: dict[str, Any] = {
+                "prompt": row.prompt.text, "completion": completion, "token_ids": generation.token_ids,
+                "finish_reason": generation.finish_reason, "model": self.model_path, "dtype": self.precision,
+                "seed": row.seed,
+                "settings": self.settings.to_dict(),
+            }
+            _write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            head = "" if self.completion_only else row.prompt.text
+            _write(self._text(head + completion) + "\n")
 
 
 def _one_line(text: str) -> str:
@@ -106,6 +185,27 @@ def _one_line(text: str) -> str:
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _decode_rows(
+    model: GPT, rows: list[tuple[Prompt, int | None]], settings: DecodeSettings, batch_size: int, out: _Output,
+    log: Callable[[str, int, float], None],
+) -> None:
+    """Every (prompt, seed) row decoded in batches (gptcli.batched), printed through `out`."""
+    from gptcli.batched import decode_batch
+
+    started = time.perf_counter()
+    for prompt, seed in rows:
+        out.add_row(prompt, seed)
+    events = decode_batch(model, [p.ids for p, _ in rows], settings, [s for _, s in rows], batch_size,
+                          tokens=out.stream)
+    for event in events:
+        if event.generation is None:
+            out.token(event.row, event.token)  # type: ignore[arg-type]
+            continue
+        out.finished(event.row, event.generation)
+        label = rows[event.row][0].label
+        log(f"row {event.row + 1} ({label})", len(event.generation.token_ids), time.perf_counter() - started)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -164,25 +264,40 @@ def command(
         False, "--each-line", rich_help_panel=OUTPUT,
         help="One prompt per input line, one result per output line (newlines in results become spaces).",
     ),
-    stream: bool = typer.Option(False, "--stream", rich_help_panel=OUTPUT, help="Print tokens as they come."),
+    stream: bool = typer.Option(
+        False, "--stream", rich_help_panel=OUTPUT,
+        help="Print tokens as they come (the first unfinished row's; rows still print in input order).",
+    ),
     completion_only: bool = typer.Option(
         False, "--completion-only", rich_help_panel=OUTPUT, help="Print only the new text, not the prompt.",
     ),
     json_output: bool = typer.Option(
         False, "--json", rich_help_panel=OUTPUT,
         help="One JSON object per sample per line: prompt, completion, token_ids, finish_reason, model, "
-        "seed, settings.",
+        "dtype (the precision that ran), seed, settings.",
     ),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", rich_help_panel=OUTPUT, help="Timing and tokens/s per sample on stderr.",
     ),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option(
-        "fp32", "--dtype", rich_help_panel=RUNTIME, help="Weights for inference: fp32 or bf16.",
+        "fp32", "--dtype", rich_help_panel=RUNTIME,
+        help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
+        "auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32). bf16 where it is not native "
+        "runs fp32, with a note.",
+    ),
+    strict_precision: bool = typer.Option(
+        False, "--strict-precision", rich_help_panel=RUNTIME,
+        help="Refuse (exit 2) instead of running fp32 when --dtype bf16 is not native here.",
     ),
     threads: int | None = typer.Option(
         None, "--threads", show_default=False, rich_help_panel=RUNTIME,
         help="CPU threads for torch (default: one per core).",
+    ),
+    batch_size: int = typer.Option(
+        DEFAULT_BATCH_SIZE, "--batch-size", rich_help_panel=RUNTIME,
+        help="Rows (every prompt or line x --num-samples) decoded together; each row gives the same tokens "
+        "as alone, and a finished row's slot goes to the next one. Beam search decodes one prompt at a time.",
     ),
 ) -> None:
     from gptcli.generate import DecodeSettings
@@ -194,10 +309,12 @@ def command(
     )
     settings.validate()
     _check_options(settings, num_samples, seed, stream, json_output)
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     set_threads(threads)
     try:
         _run(prompt, model, settings, num_samples, seed, each_line, stream, completion_only, json_output,
-             verbose, device, dtype)
+             verbose, device, dtype, batch_size, strict_precision)
     except KeyboardInterrupt:
         if stream:
             _write("\n")
@@ -253,17 +370,20 @@ def _run(
     verbose: bool,
     device_name: str,
     dtype_name: str,
+    batch_size: int,
+    strict_precision: bool,
 ) -> None:
     import secrets
 
-    from gptcli.generate import beam_search, finish_reason, make_generator, sample
-    from gptcli.generate import stream as stream_tokens
+    from gptcli.generate import beam_search
     from gptcli.tokenizer import get_tokenizer
     from gptcli.ui import console
 
     texts = _prompt_texts(prompt_arg, each_line)
     tokenizer = get_tokenizer()
-    model, model_path, device = load_for_inference(model_spec, device_name, dtype_name)
+    one_row = settings.beam_width == 1 and (len(texts) * num_samples == 1 or batch_size == 1)
+    model, model_path, _, precision = load_for_inference(model_spec, device_name, dtype_name, strict_precision,
+                                                         one_row)
     prompts = _tokenize_prompts(texts, tokenizer, model, each_line)  # all checked before any output
 
     base_seed = None
@@ -279,53 +399,19 @@ def _run(
                 markup=False, highlight=False, soft_wrap=True,
             )
 
-    total_tokens, started = 0, time.perf_counter()
-    first = True
-    for prompt in prompts:
-        if settings.beam_width > 1:
+    out = _Output(tokenizer, settings, model_path, precision, each_line, stream, completion_only, json_output)
+    started = time.perf_counter()
+    if settings.beam_width > 1:
+        for prompt in prompts:
             start = time.perf_counter()
             beams = beam_search(model, prompt.ids, settings, num_return=num_samples)
-            log(f"beam search ({prompt.label})", sum(len(b.token_ids) for b in beams),
-                time.perf_counter() - start)
-            runs: list[tuple[Generation | None, int | None]] = [(b, None) for b in beams]
-        else:
-            runs = [(None, None if base_seed is None else base_seed + i) for i in range(num_samples)]
-        for index, (beam, sample_seed) in enumerate(runs):
-            generator = make_generator(sample_seed, device) if sample_seed is not None else None
-            if not (each_line or json_output or first):
-                _write("\n")  # a blank line between samples
-            first = False
-            head = "" if completion_only else prompt.text
-            if each_line:
-                head = _one_line(head)
-            start = time.perf_counter()
-            if stream:
-                ids: list[int] = []
-                _write(head)
-                tokens = stream_tokens(model, prompt.ids, settings, generator)
-                for piece in _text_pieces(tokenizer, tokens, ids):
-                    _write(_one_line(piece) if each_line else piece)
-                _write("\n")
-                new_ids, reason = ids, finish_reason(len(ids), settings)
-            else:
-                generation = beam or sample(model, prompt.ids, settings, generator)
-                new_ids, reason = generation.token_ids, generation.finish_reason
-            total_tokens += len(new_ids)
-            if beam is None:
-                log(f"sample {index + 1} ({prompt.label})", len(new_ids), time.perf_counter() - start)
-            if stream:
-                continue
-            completion = _decode(tokenizer, new_ids)
-            if json_output:
-                record: dict[str, Any] = {
-                    "prompt": prompt.text, "completion": completion, "token_ids": new_ids,
-                    "finish_reason": reason, "model": model_path, "seed": sample_seed,
-                    "settings": settings.to_dict(),
-                }
-                _write(json.dumps(record, ensure_ascii=False) + "\n")
-            else:
-                text = head + completion
-                _write((_one_line(text) if each_line else text) + "\n")
+            log(f"beam search ({prompt.label})", sum(len(b.token_ids) for b in beams), time.perf_counter() - start)
+            for beam in beams:
+                out.finished(out.add_row(prompt, None), beam)
+    else:
+        seeds = [None if base_seed is None else base_seed + i for i in range(num_samples)]
+        _decode_rows(model, [(p, s) for p in prompts for s in seeds], settings, batch_size, out, log)
+    total_tokens = out.total_tokens
     seconds = time.perf_counter() - started
     console.print(
         f"generated {total_tokens} tokens in {seconds:.1f} s"

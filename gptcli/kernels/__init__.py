@@ -11,7 +11,7 @@ kernel registered under that name first, and runs its own plain body when the ke
 | `attention`    | `CausalSelfAttention.attend`    | `attention`      | recomputed weights, no (T, T) floats |
 | `feed_forward` | `FeedForward.forward`           | `feed_forward`   | recomputed GELU                      |
 | `lm_head_loss` | `GPT.loss`                      | `loss`           | logits a chunk at a time             |
-| `linear`       | `Linear.forward`                | `decoding`       | decoding-step matrix-vector products |
+| `linear`       | `Linear.forward`                | `decoding`       | decoding steps on prepacked weights  |
 
 One switch turns every one of them off: the environment variable GPTCLI_KERNELS=0.
 Dropout draws torch's own masks by default; `set_dropout_rng(model, "fast")` opts a model in to a

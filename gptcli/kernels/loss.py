@@ -111,6 +111,9 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
 
 @register("lm_head_loss")
-def model_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """`GPT.loss` for (batch, seq, emb) final hidden states and (batch, seq) targets."""
+def model_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """`GPT.loss` for (batch, seq, emb) final hidden states and (batch, seq) targets; None for an
+    output layer whose weight is not a float matrix (gptcli.quantize's int8 layers)."""
+    if not model.out_head.weight.is_floating_point():
+        return None
     return lm_head_loss(hidden.flatten(0, 1), model.out_head.weight, targets.flatten())
