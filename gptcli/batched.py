@@ -33,13 +33,14 @@ from gptcli.generate import (
     Generation,
     finish_reason,
     make_generator,
-    top_k_filter,
-    top_p_filter,
+    sampling_probs,
 )
+from gptcli.logprobs import MAX_TOP_LOGPROBS, step_logprobs
 from gptcli.model import KVCache
 
 if TYPE_CHECKING:
     from gptcli.config import GPTConfig
+    from gptcli.logprobs import TokenLogprob
     from gptcli.model import GPT
 
 @dataclass
@@ -127,15 +128,18 @@ class _Row:
     generator: torch.Generator | None
     new: list[int] = field(default_factory=list)
     slot: int | None = None  # its cache slot; None once it decodes with the sliding window
+    logprobs: list[TokenLogprob] | None = None  # one per new token, with `decode_batch(logprobs=K)`
 
 
 class _Batch:
     """The rows being decoded: cached ones (one per cache slot) and windowed ones (past the context)."""
 
-    def __init__(self, model: GPT, settings: DecodeSettings, batch_size: int, max_length: int) -> None:
+    def __init__(self, model: GPT, settings: DecodeSettings, batch_size: int, max_length: int,
+                 logprobs: int | None) -> None:
         weight = model.tok_emb.weight
         self.model = model
         self.settings = settings
+        self.logprobs = logprobs
         self.context_length = model.config.context_length
         self.device = weight.device
         self.cache = RaggedKVCache(model.config, batch_size, max_length, weight.device, weight.dtype)
@@ -205,15 +209,11 @@ def _length_groups(entries: list[tuple[int, _Row]]) -> list[list[tuple[int, _Row
     return groups
 
 
-def _choose(logits: torch.Tensor, rows: list[_Row], settings: DecodeSettings) -> torch.Tensor:
-    """Each row's next token (rows, 1), as `generate.next_token` picks it for that row alone."""
-    if settings.temperature == 0:
+def _choose(logits: torch.Tensor, probs: torch.Tensor | None, rows: list[_Row]) -> torch.Tensor:
+    """Each row's next token (rows, 1), as `generate.next_token` picks it for that row alone, from
+    the distributions `generate.sampling_probs` gave (None: greedy)."""
+    if probs is None:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if settings.top_k is not None:
-        logits = top_k_filter(logits, settings.top_k)
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
-    if settings.top_p is not None and settings.top_p < 1.0:
-        probs = top_p_filter(probs, settings.top_p)
     # Each row draws from its own generator, as it would alone.
     return torch.cat([
         torch.multinomial(probs[i : i + 1], num_samples=1, generator=row.generator)
@@ -221,12 +221,15 @@ def _choose(logits: torch.Tensor, rows: list[_Row], settings: DecodeSettings) ->
     ])
 
 
-def _check(model: GPT, prompts: Sequence[Sequence[int]], settings: DecodeSettings, batch_size: int) -> None:
+def _check(model: GPT, prompts: Sequence[Sequence[int]], settings: DecodeSettings, batch_size: int,
+           logprobs: int | None) -> None:
     settings.validate()
     if settings.beam_width > 1:
         raise UsageError("batched decoding samples or decodes greedily; beam search runs one prompt at a time")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise UsageError(f"--logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
     for number, prompt in enumerate(prompts):
         if not 1 <= len(prompt) <= model.config.context_length:
             raise UsageError(f"prompt {number} has {len(prompt)} tokens; it needs 1 to the context length")
@@ -239,22 +242,26 @@ def decode_batch(
     seeds: Sequence[int | None] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     tokens: bool = False,
+    logprobs: int | None = None,
 ) -> Iterator[RowEvent]:
     """Decode every prompt (greedy or sampled), `batch_size` rows at a time.
 
     Row i samples with its own generator seeded with `seeds[i]`. Yields a `RowEvent` with the
     generation of each row as it finishes (in finishing order), and with `tokens`, one per new
-    token too. Rows start in input order with `tokens`, else shortest prompt first. The model
-    should be in eval mode.
+    token too. Rows start in input order with `tokens`, else shortest prompt first. With
+    `logprobs` = K (0 to MAX_TOP_LOGPROBS), each generation carries its tokens' log-probabilities
+    and K alternatives per token (gptcli.logprobs). The model should be in eval mode.
     """
-    _check(model, prompts, settings, batch_size)
+    _check(model, prompts, settings, batch_size, logprobs)
     if settings.max_new_tokens == 0 or not prompts:
         for i in range(len(prompts)):
-            yield RowEvent(i, generation=Generation([], finish_reason(0, settings)))
+            yield RowEvent(i, generation=Generation([], finish_reason(0, settings),
+                                                    token_logprobs=None if logprobs is None else []))
         return
     device = model.tok_emb.weight.device
     waiting = [
-        _Row(i, list(p), len(p), None if seeds is None or seeds[i] is None else make_generator(seeds[i], device))
+        _Row(i, list(p), len(p), None if seeds is None or seeds[i] is None else make_generator(seeds[i], device),
+             logprobs=None if logprobs is None else [])
         for i, p in enumerate(prompts)
     ]
     if not tokens:
@@ -265,7 +272,7 @@ def decode_batch(
     longest = max(len(p) for p in prompts)
     max_length = min(model.config.context_length, longest + settings.max_new_tokens - 1)
     with torch.inference_mode():
-        batch = _Batch(model, settings, min(batch_size, len(prompts)), max_length)
+        batch = _Batch(model, settings, min(batch_size, len(prompts)), max_length, logprobs)
         batch.admit(list(range(len(batch.slots))), [waiting.pop() for _ in batch.slots])
         while any(row is not None for row in batch.slots) or batch.windowed:
             yield from _step(batch, waiting, tokens)
@@ -275,21 +282,26 @@ def _step(batch: _Batch, waiting: list[_Row], tokens: bool) -> Iterator[RowEvent
     """One token for every live row; finished rows leave, waiting rows take their slots."""
     settings = batch.settings
     rows, logits = batch.logits()
-    chosen = _choose(logits, rows, settings)
+    probs = sampling_probs(logits, settings)
+    chosen = _choose(logits, probs, rows)
+    records = None if batch.logprobs is None else step_logprobs(logits, probs, chosen, batch.logprobs)
     # The next input of the cached rows (every slot is live between steps), without going through Python.
     batch.last = chosen[: len(batch.slots)].clone()
     freed: list[int] = []
     still_windowed = []
-    for row, token in zip(rows, chosen.view(-1).tolist(), strict=True):
+    for number, (row, token) in enumerate(zip(rows, chosen.view(-1).tolist(), strict=True)):
         done = settings.stop_at_eos and token == settings.eos_id
         if not done:
             row.new.append(token)
             row.ids.append(token)
+            if records is not None and row.logprobs is not None:
+                row.logprobs.append(records[number])
             if tokens:
                 yield RowEvent(row.index, token=token)
             done = len(row.new) >= settings.max_new_tokens
         if done:
-            yield RowEvent(row.index, generation=Generation(row.new, finish_reason(len(row.new), settings)))
+            reason = finish_reason(len(row.new), settings)
+            yield RowEvent(row.index, generation=Generation(row.new, reason, token_logprobs=row.logprobs))
         if row.slot is None:
             if not done:
                 still_windowed.append(row)

@@ -122,7 +122,23 @@ def window_losses(
     device: torch.device | str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[tuple[float, int]]:
-    """(mean cross-entropy, predictions) of each source's tokens[1:], scored with `token_windows`.
+    """(mean cross-entropy, predictions) of each source's tokens[1:] (see `token_losses`)."""
+    import numpy as np
+
+    losses = token_losses(model, sources, stride, batch_size, device, on_batch)
+    return [(float(np.sum(each, dtype=np.float64) / len(each)), len(each)) for each in losses]
+
+
+def token_losses(
+    model: GPT,
+    sources: Sequence[Sequence[int] | np.ndarray],
+    stride: int | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[np.ndarray]:
+    """The cross-entropy of each prediction of each source: element i is -log p(tokens[i + 1]) given
+    the tokens before it (the chapter's section 5.1.2 target probabilities), scored with `token_windows`.
 
     The windows of all sources are batched together, `batch_size` at a time, so short files share
     forward passes; a shorter window is right-padded, which causal attention never lets earlier
@@ -141,20 +157,18 @@ def window_losses(
             raise UsageError(f"need at least 2 tokens to compute a loss, got {len(tokens)}")
         windows += [(index, *window) for window in found]
     ids = [torch.from_numpy(np.asarray(tokens, dtype=np.int64)) for tokens in sources]
-    totals = torch.zeros(len(sources), dtype=torch.float64)
-    counts = torch.zeros(len(sources), dtype=torch.long)
+    out = [np.empty(len(tokens) - 1, dtype=np.float32) for tokens in sources]
     num_batches = -(-len(windows) // batch_size)
     with torch.inference_mode():
         for b in range(num_batches):
             group = windows[b * batch_size : (b + 1) * batch_size]
             inputs, targets = _window_batch(ids, group)
-            losses = _token_losses(model, inputs.to(device), targets.to(device)).cpu().double()
-            which = torch.tensor([source for source, *_ in group])
-            totals.index_add_(0, which, losses.sum(dim=1))
-            counts.index_add_(0, which, (targets != IGNORE_INDEX).sum(dim=1))
+            losses = _token_losses(model, inputs.to(device), targets.to(device)).float().cpu().numpy()
+            for row, (source, begin, end, first) in enumerate(group):
+                out[source][begin + first : end] = losses[row, first : end - begin]
             if on_batch is not None:
                 on_batch(b + 1, num_batches)
-    return [(float(total / count), int(count)) for total, count in zip(totals, counts, strict=True)]
+    return out
 
 
 def _window_batch(
@@ -205,6 +219,36 @@ def evaluate_sources(
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[EvalResult]:
     """The loss of each (name, tokens) source, their windows batched together (`window_losses`)."""
+    named = _checked_sources(model, sources, max_tokens)
+    losses = window_losses(model, [tokens for _, tokens in named], stride, batch_size, device, on_batch)
+    return [EvalResult(name, len(tokens), loss) for (name, tokens), (loss, _) in zip(named, losses, strict=True)]
+
+
+def evaluate_per_token(
+    model: GPT,
+    sources: Sequence[tuple[str, Sequence[int] | np.ndarray]],
+    stride: int | None = None,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[tuple[EvalResult, np.ndarray, np.ndarray]]:
+    """(result, token ids, loss of each of tokens[1:]) of each source: `evaluate_sources` with the
+    per-token losses it averages (`eval --per-token`)."""
+    import numpy as np
+
+    named = _checked_sources(model, sources, max_tokens)
+    losses = token_losses(model, [tokens for _, tokens in named], stride, batch_size, device, on_batch)
+    return [
+        (EvalResult(name, len(tokens), float(np.sum(each, dtype=np.float64) / len(each))), np.asarray(tokens), each)
+        for (name, tokens), each in zip(named, losses, strict=True)
+    ]
+
+
+def _checked_sources(
+    model: GPT, sources: Sequence[tuple[str, Sequence[int] | np.ndarray]], max_tokens: int | None
+) -> list[tuple[str, Sequence[int] | np.ndarray]]:
+    """The sources cut to `max_tokens`, each with at least 2 tokens, all within the model's vocabulary."""
     named = []
     for name, tokens in sources:
         if max_tokens is not None:
@@ -213,8 +257,7 @@ def evaluate_sources(
             raise UsageError(f"{name}: need at least 2 tokens to compute a loss, got {len(tokens)}")
         check_model_vocab(model, tokens, name)
         named.append((name, tokens))
-    losses = window_losses(model, [tokens for _, tokens in named], stride, batch_size, device, on_batch)
-    return [EvalResult(name, len(tokens), loss) for (name, tokens), (loss, _) in zip(named, losses, strict=True)]
+    return named
 
 
 def check_model_vocab(model: GPT, tokens: Sequence[int] | np.ndarray, source: str) -> None:

@@ -35,6 +35,7 @@ from gptcli.tokenizer import EOT_ID
 if TYPE_CHECKING:
     import torch
 
+    from gptcli.logprobs import TokenLogprob
     from gptcli.model import GPT, KVCache
 
 FINISH_LENGTH = "length"
@@ -91,12 +92,14 @@ class Generation:
     """New tokens (without a final <|endoftext|>) and why generation stopped: `length` or `eos`.
 
     Beam search also gives the summed log-probability of the new tokens (including the
-    <|endoftext|> that ended them) and the length-normalised score it ranked by."""
+    <|endoftext|> that ended them) and the length-normalised score it ranked by; batched decoding,
+    on request, each new token's log-probabilities (gptcli.logprobs)."""
 
     token_ids: list[int]
     finish_reason: str
     logprob: float | None = None
     score: float | None = None
+    token_logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for (gptcli.batched)
 
 
 def finish_reason(num_tokens: int, settings: DecodeSettings) -> str:
@@ -136,21 +139,32 @@ def top_p_filter(probs: torch.Tensor, p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+def sampling_probs(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tensor | None:
+    """The distribution each row (rows, vocab) samples from: top-k, temperature, top-p (steps 1-3
+    above); None for greedy decoding, which samples nothing."""
+    import torch
+
+    if settings.temperature == 0:
+        return None
+    if settings.top_k is not None:
+        logits = top_k_filter(logits, settings.top_k)
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        probs = top_p_filter(probs, settings.top_p)
+    return probs
+
+
 def next_token(
     logits: torch.Tensor, settings: DecodeSettings, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """The next token of each row (rows, 1) from last-position logits (rows, vocab)."""
     import torch
 
-    if settings.temperature == 0:
+    probs = sampling_probs(logits, settings)
+    if probs is None:
         # Greedy: filtering keeps the argmax, and no random number is drawn (training's samples must
         # not disturb its RNG stream).
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if settings.top_k is not None:
-        logits = top_k_filter(logits, settings.top_k)
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
-    if settings.top_p is not None and settings.top_p < 1.0:
-        probs = top_p_filter(probs, settings.top_p)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 

@@ -88,3 +88,16 @@ def get_tokenizer(bpe_dir: str | Path | None = None) -> tiktoken.Encoding:
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
     """Encode as the chapter does: `<|endoftext|>` in the text is the special token."""
     return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+
+
+def token_text(tokenizer: tiktoken.Encoding, token: int) -> str:
+    """One token's text, unique per token: its UTF-8 text, or where its bytes are only part of a
+    character, `bytes:` and the bytes as `\\xNN` (OpenAI's convention); ids beyond the tokenizer
+    (a model's padded vocabulary) as `<|token N|>`."""
+    if not 0 <= token < tokenizer.n_vocab:
+        return f"<|token {token}|>"
+    data = tokenizer.decode_single_token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)

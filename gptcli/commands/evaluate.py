@@ -12,6 +12,9 @@ import typer
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import tiktoken
+
     from gptcli.evaluate import EvalResult
 
 RUNTIME = "Model and runtime"
@@ -42,9 +45,16 @@ def command(
     max_tokens: int | None = typer.Option(
         None, "--max-tokens", show_default=False, help="Score only the first N tokens of each source.",
     ),
+    per_token: bool = typer.Option(
+        False, "--per-token",
+        help="For short texts: a table per source of each token, the probability the model gave it and its "
+        "loss (-log of that probability: the chapter's section 5.1.2 target probabilities), with the mean "
+        "loss and perplexity as the last row. Not with --run.",
+    ),
     json_output: bool = typer.Option(
         False, "--json",
-        help="One JSON object per source (source, tokens, loss, perplexity, dtype) instead of a table.",
+        help="One JSON object per source (source, tokens, loss, perplexity, dtype) instead of a table; with "
+        "--per-token also per_token, a list of {position, token_id, token, prob, loss}.",
     ),
     device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
     dtype: str = typer.Option(
@@ -72,12 +82,15 @@ def command(
         raise UsageError(f"--max-tokens must be at least 2 (one token predicts the next), got {max_tokens}")
     if run is not None and model is not None:
         raise UsageError("--run evaluates the run's own model; leave out --model")
+    if run is not None and per_token:
+        raise UsageError("--per-token scores text FILES or stdin, not a run's splits (--run)")
     files = list(files or [])
     if files.count("-") > 1:
         raise UsageError("stdin ('-') can be read only once")
     set_threads(threads)
     try:
-        _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype, strict_precision)
+        _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype, strict_precision,
+             per_token)
     except KeyboardInterrupt:
         raise GptcliError("interrupted", EXIT_INTERRUPTED) from None
 
@@ -114,10 +127,11 @@ def _run(
     device_name: str,
     dtype_name: str,
     strict_precision: bool,
+    per_token: bool = False,
 ) -> None:
     from gptcli.commands._common import load_for_inference
     from gptcli.data import tokenize
-    from gptcli.evaluate import evaluate_run_splits, evaluate_sources, read_run_settings
+    from gptcli.evaluate import evaluate_per_token, evaluate_run_splits, evaluate_sources, read_run_settings
     from gptcli.tokenizer import get_tokenizer
     from gptcli.ui import console
 
@@ -135,6 +149,7 @@ def _run(
         )
 
     results: list[EvalResult] = []
+    scores: list[tuple[EvalResult, np.ndarray, np.ndarray]] = []  # --per-token
     started = time.perf_counter()
     if run is not None:
         console.print(f"scoring the train and val split of {run}", markup=False, highlight=False, soft_wrap=True)
@@ -147,19 +162,54 @@ def _run(
             def progress(done: int, total: int) -> None:
                 status.update(f"scoring {what}: batch {done}/{total}")
 
-            results += evaluate_sources(model, named, stride, batch_size, max_tokens, device, on_batch=progress)
+            if per_token:
+                scores = evaluate_per_token(model, named, stride, batch_size, max_tokens, device, on_batch=progress)
+                results += [result for result, _, _ in scores]
+            else:
+                results += evaluate_sources(model, named, stride, batch_size, max_tokens, device, on_batch=progress)
     scored = sum(r.tokens for r in results)
     seconds = time.perf_counter() - started
     console.print(
         f"scored {scored:,} tokens in {seconds:.1f} s ({scored / max(seconds, 1e-9):,.0f} tokens/s)",
         markup=False, highlight=False, soft_wrap=True,
     )
-    if json_output:
+    if per_token:
+        _print_per_token(scores, tokenizer, precision, json_output)
+    elif json_output:
         for result in results:
             sys.stdout.write(json.dumps({**result.to_dict(), "dtype": precision}, ensure_ascii=False) + "\n")
         sys.stdout.flush()
     else:
         _print_table(results)
+
+
+def _print_per_token(
+    scores: list[tuple[EvalResult, np.ndarray, np.ndarray]], tokenizer: tiktoken.Encoding, precision: str,
+    json_output: bool,
+) -> None:
+    """--per-token: each source's tokens 1.. with the probability and loss of each (token 0 is context)."""
+    import math
+
+    from gptcli import jsonio
+    from gptcli.commands._tables import per_token_table, print_table, shown
+    from gptcli.tokenizer import token_text
+
+    for result, ids, losses in scores:
+        texts = [token_text(tokenizer, int(token)) for token in ids]
+        if json_output:
+            rows = [
+                {"position": i + 1, "token_id": int(ids[i + 1]), "token": texts[i + 1],
+                 "prob": math.exp(-float(loss)), "loss": float(loss)}
+                for i, loss in enumerate(losses.tolist())
+            ]
+            record = {**result.to_dict(), "dtype": precision, "per_token": rows}
+            sys.stdout.write(jsonio.dumps(record, ensure_ascii=False) + "\n")
+            continue
+        rows = [(i + 1, texts[i + 1], float(loss)) for i, loss in enumerate(losses.tolist())]
+        table = per_token_table(rows, result.loss, result.perplexity, len(rows))
+        table.title = f"{result.source}: token 0 {shown(texts[0])} is context only"
+        print_table(table)
+    sys.stdout.flush()
 
 
 def _print_table(results: list[EvalResult]) -> None:

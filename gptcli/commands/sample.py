@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -12,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from gptcli import jsonio
 from gptcli.commands._common import load_for_inference, read_stdin, stdin_is_piped
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 from gptcli.generate import DEFAULT_BATCH_SIZE
+from gptcli.logprobs import MAX_TOP_LOGPROBS
 
 if TYPE_CHECKING:
     import tiktoken
@@ -111,10 +112,12 @@ class _Output:
     --stream, the first unfinished row's text token by token (later rows' text waits its turn)."""
 
     def __init__(self, tokenizer: tiktoken.Encoding, settings: DecodeSettings, model_path: str, precision: str,
-                 each_line: bool, stream: bool, completion_only: bool, json_output: bool) -> None:
+                 each_line: bool, stream: bool, completion_only: bool, json_output: bool,
+                 logprobs: int | None = None) -> None:
         self.tokenizer, self.settings, self.model_path, self.precision = tokenizer, settings, model_path, precision
         self.each_line, self.stream, self.completion_only, self.json_output = (
             each_line, stream, completion_only, json_output)
+        self.logprobs = logprobs  # --logprobs K: per-token log-probabilities (None: not asked for)
         self.rows: list[_RowText] = []
         self.head = 0  # the first row not printed in full
         self.head_started = False  # whether the head row's prompt is printed (--stream)
@@ -155,6 +158,8 @@ class _Output:
                 _write(self._text("".join(row.pending) + row.tail()) + "\n")
             else:
                 self._print_whole(row)
+            if self.logprobs is not None and not self.json_output:
+                self._print_logprobs(row.generation)  # type: ignore[arg-type]
             self.head += 1
             self.head_started = False
         if self.stream and self.head < len(self.rows) and self.rows[self.head].pending:
@@ -170,11 +175,39 @@ class _Output:
                 "finish_reason": generation.finish_reason, "model": self.model_path, "dtype": self.precision,
                 "seed": row.seed,
                 "settings": self.settings.to_dict(),
+                **self._logprob_fields(generation),
             }
-            _write(json.dumps(record, ensure_ascii=False) + "\n")
+            _write(jsonio.dumps(record, ensure_ascii=False) + "\n")
         else:
             head = "" if self.completion_only else row.prompt.text
             _write(self._text(head + completion) + "\n")
+
+
+    def _logprob_fields(self, generation: Generation) -> dict[str, Any]:
+        """--json's log-probabilities: a beam's sequence log-probability (always), and with --logprobs
+        the OpenAI-style `logprobs` object of a greedy or sampled row."""
+        from gptcli.logprobs import openai_logprobs
+
+        if generation.score is not None:  # beam search
+            return {"sequence_logprob": generation.logprob, "score": generation.score}
+        if self.logprobs is None or generation.token_logprobs is None:
+            return {}
+        return {"logprobs": openai_logprobs(generation.token_logprobs, self._token_text)}
+
+    def _token_text(self, token: int) -> str:
+        from gptcli.tokenizer import token_text
+
+        return token_text(self.tokenizer, token)
+
+    def _print_logprobs(self, generation: Generation) -> None:
+        """The table of --logprobs after a row's text (beam search: its sequence log-probability)."""
+        from gptcli.commands._tables import logprob_table, print_table
+
+        if generation.score is not None:
+            _write(f"sequence log-probability {generation.logprob:.4f}, score {generation.score:.4f} "
+                   f"(log-probability / length ** {self.settings.length_penalty:g})\n")
+        elif generation.token_logprobs is not None:
+            print_table(logprob_table(generation.token_logprobs, self._token_text, self.logprobs or 0))
 
 
 def _one_line(text: str) -> str:
@@ -198,7 +231,7 @@ def _decode_rows(
     for prompt, seed in rows:
         out.add_row(prompt, seed)
     events = decode_batch(model, [p.ids for p, _ in rows], settings, [s for _, s in rows], batch_size,
-                          tokens=out.stream)
+                          tokens=out.stream, logprobs=out.logprobs)
     for event in events:
         if event.generation is None:
             out.token(event.row, event.token)  # type: ignore[arg-type]
@@ -274,7 +307,17 @@ def command(
     json_output: bool = typer.Option(
         False, "--json", rich_help_panel=OUTPUT,
         help="One JSON object per sample per line: prompt, completion, token_ids, finish_reason, model, "
-        "dtype (the precision that ran), seed, settings.",
+        "dtype (the precision that ran), seed, settings; beam search adds sequence_logprob and score, "
+        "--logprobs adds logprobs.",
+    ),
+    logprobs: int | None = typer.Option(
+        None, "--logprobs", show_default=False, rich_help_panel=OUTPUT,
+        help=f"Each new token's log-probability and the K most likely alternatives at its step (K = 0 to "
+        f"{MAX_TOP_LOGPROBS}), from the distribution actually sampled from (after top-k, temperature and top-p; "
+        "greedy decoding: the model's own), plus the token's log-probability under the model's own "
+        "distribution. With --json, a `logprobs` object as OpenAI's completions API gives it (tokens, "
+        "token_logprobs, top_logprobs, plus raw_token_logprobs); without, a table after each text. Beam "
+        "search reports the sequence log-probability instead.",
     ),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", rich_help_panel=OUTPUT, help="Timing and tokens/s per sample on stderr.",
@@ -309,16 +352,25 @@ def command(
     )
     settings.validate()
     _check_options(settings, num_samples, seed, stream, json_output)
+    _check_logprobs(logprobs, each_line, json_output)
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     set_threads(threads)
     try:
         _run(prompt, model, settings, num_samples, seed, each_line, stream, completion_only, json_output,
-             verbose, device, dtype, batch_size, strict_precision)
+             verbose, device, dtype, batch_size, strict_precision, logprobs)
     except KeyboardInterrupt:
         if stream:
             _write("\n")
         raise GptcliError("interrupted", EXIT_INTERRUPTED) from None
+
+
+def _check_logprobs(logprobs: int | None, each_line: bool, json_output: bool) -> None:
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise UsageError(f"--logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {logprobs}")
+    if logprobs is not None and each_line and not json_output:
+        raise UsageError("--logprobs prints a table after each text, which --each-line's one result per line "
+                         "cannot hold; add --json")
 
 
 def _check_options(
@@ -372,6 +424,7 @@ def _run(
     dtype_name: str,
     batch_size: int,
     strict_precision: bool,
+    logprobs: int | None,
 ) -> None:
     import secrets
 
@@ -399,7 +452,8 @@ def _run(
                 markup=False, highlight=False, soft_wrap=True,
             )
 
-    out = _Output(tokenizer, settings, model_path, precision, each_line, stream, completion_only, json_output)
+    out = _Output(tokenizer, settings, model_path, precision, each_line, stream, completion_only, json_output,
+                  logprobs)
     started = time.perf_counter()
     if settings.beam_width > 1:
         for prompt in prompts:
