@@ -6,7 +6,6 @@ Exit code 3: the loss diverged; nothing was saved."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -183,15 +182,13 @@ def _resumed(ctx: typer.Context, resume: Path) -> Any:
     """The run's stored settings, with the options given again checked against them."""
     from gptcli.config import get_preset
     from gptcli.errors import UsageError
-    from gptcli.train import RUN_FILE, TrainSettings, resolve_init_path, resumed_settings
+    from gptcli.settings import TrainSettings, resumed_settings
+    from gptcli.train import resolve_init_path
 
-    run_file = resume / RUN_FILE
-    if not run_file.is_file():
-        raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
     try:
-        settings = TrainSettings.from_dict(json.loads(run_file.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(f"{run_file} is damaged ({type(exc).__name__}: {exc}); it cannot be resumed") from None
+        settings = TrainSettings.from_file(resume)
+    except UsageError as exc:
+        raise UsageError(f"--resume {exc.message}; it cannot be resumed") from None
     given = {name: value for name, value in ctx.params.items()
              if name not in RUNTIME_OPTIONS | {"preset"} and _given(ctx, name)}
     if _given(ctx, "preset"):  # the preset stands for the shape fields not given one by one
@@ -214,7 +211,8 @@ def _new_settings(ctx: typer.Context) -> Any:
     """The settings of a new run from the command line, validated before anything is written."""
     from gptcli.config import get_preset
     from gptcli.errors import UsageError
-    from gptcli.train import TrainSettings, resolve_init_config, resolve_init_path
+    from gptcli.settings import TrainSettings
+    from gptcli.train import resolve_init_config, resolve_init_path
 
     params = ctx.params
     overrides: dict[str, Any] = {name: params[name] for name in MODEL_OPTIONS}
