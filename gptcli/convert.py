@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 
 from gptcli.checkpoint import FORMAT, MODEL_FILE, atomic_write, model_shapes, read_metadata
+from gptcli.choices import SOURCE_FORMATS, TARGET_FORMATS
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
 
 GPT2_DROP_RATE = 0.1
-SOURCE_FORMATS = ("auto", "openai", "hf", "gptcli", "book")
-TARGET_FORMATS = ("gptcli", "hf", "book", "gguf")
 
 # --------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli), as LevelDB tables and TensorFlow bundles store it (masked).
@@ -890,7 +889,7 @@ def convert(
     gptcli.formats.book) or a llama.cpp GGUF file ("gguf", gptcli.formats.gguf)."""
     if target_format not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
-    from gptcli.formats.gguf import GGUF_TYPES
+    from gptcli.choices import GGUF_TYPES
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")

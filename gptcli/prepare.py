@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from gptcli import __version__
+from gptcli.choices import DECODE_ERRORS, SPLIT_MODES
 from gptcli.data import STDIN_NAME
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
@@ -50,7 +51,6 @@ FORMAT = "gptcli-tokens"
 STDIN = "-"
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read per block and characters per tokenized chunk
 EOT_ID = 50256
-SPLIT_MODES = ("auto", "document", "position")
 DTYPES = ("uint16", "uint32")
 
 # What `\s` matches in tiktoken's (Rust) regex: Unicode White_Space. Python's str.isspace() is a
@@ -354,7 +354,7 @@ def prepare(
         raise UsageError(f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}")
     if split_by not in SPLIT_MODES:
         raise UsageError(f"--split-by must be one of {', '.join(SPLIT_MODES)}, got {split_by!r}")
-    if errors not in ("strict", "replace"):
+    if errors not in DECODE_ERRORS:
         raise UsageError(f"--errors must be strict or replace, got {errors!r}")
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -214,15 +214,15 @@ def test_gradient_norm_is_checked_without_grad_clip(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("option,value,says", [
-    ("--lr", "nan", "--lr must be a finite number above 0"),
-    ("--lr", "inf", "--lr must be a finite number above 0"),
+    ("--lr", "nan", "--lr must be a finite number, got nan"),
+    ("--lr", "inf", "--lr must be a finite number, got inf"),
     ("--lr", "0", "--lr must be a finite number above 0"),
-    ("--weight-decay", "nan", "--weight-decay must be a finite number at least 0"),
-    ("--weight-decay", "inf", "--weight-decay must be a finite number"),
-    ("--min-lr", "inf", "--min-lr must be a finite number"),
-    ("--min-lr", "nan", "--min-lr must be a finite number"),
-    ("--grad-clip", "nan", "--grad-clip must be a finite number above 0"),
-    ("--grad-clip", "inf", "--grad-clip must be a finite number above 0"),
+    ("--weight-decay", "nan", "--weight-decay must be a finite number, got nan"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number, got inf"),
+    ("--min-lr", "inf", "--min-lr must be a finite number, got inf"),
+    ("--min-lr", "nan", "--min-lr must be a finite number, got nan"),
+    ("--grad-clip", "nan", "--grad-clip must be a finite number, got nan"),
+    ("--grad-clip", "inf", "--grad-clip must be a finite number, got inf"),
     ("--grad-clip", "0", "--grad-clip must be a finite number above 0"),
     ("--grad-clip", "-1", "--grad-clip must be a finite number above 0"),
     ("--train-ratio", "1.5", "--train-ratio must be a finite number above 0 and below 1"),

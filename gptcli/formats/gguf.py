@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gptcli.choices import GGUF_TYPES
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError, UsageError
 
 if TYPE_CHECKING:
     from gptcli.convert import Plan
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
 ARCH = "gpt2"
 CONFIG_KEY = "gptcli.config"
 SOURCE_KEY = "gptcli.converted_from"
