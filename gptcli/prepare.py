@@ -39,6 +39,7 @@ from gptcli.choices import DECODE_ERRORS, SPLIT_MODES
 from gptcli.data import STDIN_NAME
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
+from gptcli.tokenizer import EOT_ID
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +51,6 @@ VAL_FILE = "val.bin"
 FORMAT = "gptcli-tokens"
 STDIN = "-"
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read per block and characters per tokenized chunk
-EOT_ID = 50256
 DTYPES = ("uint16", "uint32")
 
 # What `\s` matches in tiktoken's (Rust) regex: Unicode White_Space. Python's str.isspace() is a

@@ -227,7 +227,7 @@ def test_gradient_norm_is_checked_without_grad_clip(monkeypatch, tmp_path):
     ("--grad-clip", "-1", "--grad-clip must be a finite number above 0"),
     ("--train-ratio", "1.5", "--train-ratio must be a finite number above 0 and below 1"),
     ("--seed", "-1", "--seed must be between 0 and 2**63-1"),
-    ("--seed", str(2**63), "--seed must be between 0 and 2**63-1"),
+    ("--seed", str(2**63), f"--seed must fit in 64 bits (at most {2**63 - 1}), got {2**63}"),
     ("--keep-checkpoints", "0", "--keep-checkpoints must be at least 1"),
     ("--sample-prompt", "", "--sample-prompt must not be empty"),
 ])
