@@ -76,13 +76,15 @@ def _add_number_checks(command: click_core.Command) -> None:
 
 
 def _quiet_help_flag(command: click_core.Command) -> None:
-    """--help is a flag too: no `<bool>` after it (click makes the option anew for each help)."""
+    """--help is a flag too: no `<bool>` after it (click makes the option anew for each help). Its
+    default False (not None) also spares typer's value coercion, which would import pydantic."""
     make = command.get_help_option
 
     def help_option(ctx: click_core.Context) -> Any:
         option = make(ctx)
         if option is not None:
             option.metavar = ""
+            option.default = False
         return option
 
     command.get_help_option = help_option  # type: ignore[method-assign]
