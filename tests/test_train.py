@@ -410,3 +410,18 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     assert any(isinstance(e, Notice) and "torch.compile failed" in e.text for e in events)
     eager = evaluations(train(tiny_settings(tmp_path / "e", epochs=1)))
     assert [e.to_dict() for e in evaluations(events)] == [e.to_dict() for e in eager]
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda s: {**s, "colour": "blue"}, "unknown setting(s): colour"),
+    (lambda s: {k: v for k, v in s.items() if k != "corpus"}, "missing setting(s): corpus"),
+    (lambda s: [s], "the settings must be a JSON object, got list"),
+])
+def test_a_damaged_run_json_is_refused_on_resume(tmp_path, damage, says):
+    out = tmp_path / "run"
+    list(train(tiny_settings(out, max_steps=1)))
+    run_json = out / "run.json"
+    run_json.write_text(json.dumps(damage(json.loads(run_json.read_text()))))
+    result = runner.invoke(app, ["train", "--resume", str(out), "-q"])
+    assert result.exit_code == 2
+    assert result.output == f"error: --resume {run_json} is damaged ({says}); it cannot be resumed\n"
