@@ -290,7 +290,8 @@ def test_data_corruption_passes_with_no_verify_but_shapes_still_checked(tmp_path
     wider = _corrupt_copy(tmp_path / "wider", "hparams-wider")
     result = invoke("convert", wider, "--out", tmp_path / "w.safetensors", "--no-verify")
     assert result.exit_code == 1, result.output
-    assert result.stderr.startswith("error: ") and "expected [50257, 32]" in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "expected [50257, 32]" in lines[0], result.stderr
     assert not (tmp_path / "w.safetensors").exists()
 
 
