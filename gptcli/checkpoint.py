@@ -37,7 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file normal permissions
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -56,7 +56,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -72,7 +73,7 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     save_file(contiguous, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600; gptcli's follow the umask
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors creates its files 0600; gptcli's follow the umask
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

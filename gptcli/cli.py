@@ -70,7 +70,45 @@ def _add_number_checks(command: click_core.Command) -> None:
     for param in command.params:
         if not getattr(param, "_gptcli_checked", False):
             _add_number_check(param)
+            _set_metavar(param)
             param._gptcli_checked = True  # type: ignore[attr-defined]
+    _quiet_help_flag(command)
+
+
+def _quiet_help_flag(command: click_core.Command) -> None:
+    """--help is a flag too: no `<bool>` after it (click makes the option anew for each help). Its
+    default False (not None) also spares typer's value coercion, which would import pydantic."""
+    make = command.get_help_option
+
+    def help_option(ctx: click_core.Context) -> Any:
+        option = make(ctx)
+        if option is not None:
+            option.metavar = ""
+            option.default = False
+        return option
+
+    command.get_help_option = help_option  # type: ignore[method-assign]
+
+
+_METAVARS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "Path": "PATH"}
+
+
+def _set_metavar(param: click_core.Parameter) -> None:
+    """Help shows what to type: INTEGER, FLOAT, TEXT, PATH or the choices `[a|b]`, and nothing after
+    a flag (typer's own labels are `<int>`, `<str>`, and `<bool>` even for flags)."""
+    if param.metavar is not None:
+        label = param.metavar
+    elif param.param_type_name == "argument":
+        label = str(param.name).upper()
+    elif getattr(param, "is_flag", False):
+        label = ""
+    else:
+        typer_label = param.display_type(None)  # type: ignore[attr-defined]  # "<int>", "<a|b>", "<list[str]>"
+        inner = typer_label[1:-1]
+        label = f"[{inner}]" if "|" in inner else _METAVARS.get(inner.removeprefix("list[").rstrip("]"), inner.upper())
+    param.metavar = label
+    if param.param_type_name == "argument":
+        param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]  # its name says it
 
 
 def _usage_line(exc: click_errors.ClickException) -> str:

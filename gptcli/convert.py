@@ -31,14 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from gptcli.checkpoint import FORMAT, MODEL_FILE, atomic_write, model_shapes, read_metadata
+from gptcli.checkpoint import FORMAT, MODEL_FILE, atomic_write, current_umask, model_shapes, read_metadata
+from gptcli.choices import SOURCE_FORMATS, TARGET_FORMATS
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
+from gptcli.tokenizer import EOT_ID
 
 GPT2_DROP_RATE = 0.1
-SOURCE_FORMATS = ("auto", "openai", "hf", "gptcli", "book")
-TARGET_FORMATS = ("gptcli", "hf", "book", "gguf")
 
 # --------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli), as LevelDB tables and TensorFlow bundles store it (masked).
@@ -408,8 +408,9 @@ def _openai_to_gptcli_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
     return names
 
 
-def _hf_to_gptcli_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
-    """gptcli name -> (Hugging Face GPT-2 name without the `transformer.` prefix, transpose)."""
+def hf_names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
+    """gptcli name -> (Hugging Face GPT-2 name without the `transformer.` prefix, transpose): the one
+    mapping between the two layouts (transpose: HF keeps Conv1D weights as (in, out))."""
     names = {"tok_emb.weight": ("wte.weight", False), "pos_emb.weight": ("wpe.weight", False)}
     for i in range(config.n_layers):
         for ours, (theirs, transpose) in _gpt2_block_names(i).items():
@@ -622,7 +623,7 @@ def hf_plan(source: Path) -> Plan:
     lookup = {name.removeprefix("transformer."): name for name in files}
     shapes = model_shapes(config)
     tensors: list[TensorPlan] = []
-    for ours, (theirs, transpose) in _hf_to_gptcli_names(config).items():
+    for ours, (theirs, transpose) in hf_names(config).items():
         stored = lookup.get(theirs)
         if stored is None:
             raise GptcliError(f"{source}: tensor {theirs} is missing")
@@ -779,8 +780,8 @@ def hf_config(config: GPTConfig) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_weights,
         "torch_dtype": "float32",
     }
-    if config.vocab_size > 50256:  # GPT-2's <|endoftext|>
-        data["bos_token_id"] = data["eos_token_id"] = 50256
+    if config.vocab_size > EOT_ID:  # GPT-2's <|endoftext|>
+        data["bos_token_id"] = data["eos_token_id"] = EOT_ID
     return data
 
 
@@ -790,7 +791,7 @@ def _hf_tensors(plan: Plan) -> tuple[list[TensorPlan], dict[str, str]]:
     by_name = {t.name: t for t in plan.tensors}
     out: list[TensorPlan] = []
     names: dict[str, str] = {}
-    for ours, (theirs, transpose) in _hf_to_gptcli_names(config).items():
+    for ours, (theirs, transpose) in hf_names(config).items():
         hf_name = theirs if theirs == "lm_head.weight" else f"transformer.{theirs}"
         if ours not in by_name:
             # A model without qkv bias is exactly a GPT-2 whose c_attn bias is zero.
@@ -827,9 +828,7 @@ def write_hf(plan: Plan, out_dir: str | Path, on_tensor: ProgressCallback | None
     if fresh:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         target = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(target, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory normal permissions
+        os.chmod(target, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the directory normal permissions
     try:
         atomic_write(
             target / "model.safetensors",
@@ -890,7 +889,7 @@ def convert(
     gptcli.formats.book) or a llama.cpp GGUF file ("gguf", gptcli.formats.gguf)."""
     if target_format not in TARGET_FORMATS:
         raise UsageError(f"unknown target format {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
-    from gptcli.formats.gguf import GGUF_TYPES
+    from gptcli.choices import GGUF_TYPES
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")

@@ -1,6 +1,8 @@
-"""`gptcli train --nproc N`: the same command in N local processes, through torch's own launcher.
+"""Distributed training: joining torchrun's process group (`init_distributed`), what the ranks
+agree on (`all_agree`), per-rank dropout streams, and `gptcli train --nproc N`: the same command
+in N local processes, through torch's own launcher.
 
-This is `torchrun --standalone --nproc-per-node N -m gptcli train ARGS` (without `--nproc`), run
+`--nproc N` is `torchrun --standalone --nproc-per-node N -m gptcli train ARGS` (without `--nproc`), run
 in-process with `torch.distributed.run` so that the exit code is the one the training processes
 chose (2 for bad usage, 3 for a diverged loss, 130 for Ctrl-C) instead of torchrun's generic 1, and
 without torchrun's failure report: each process has already said what went wrong, on one line.
@@ -13,7 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 from gptcli.errors import GptcliError, UsageError
 
@@ -71,3 +76,81 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     finally:
         sys.stdout.flush()
     return 0
+
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Distributed, str]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed(), device
+    import torch
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} CUDA device(s) on this node; "
+                "start at most that many processes per node (or use --device cpu)"
+            )
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Distributed(rank, local_rank, world_size), device
+
+
+def all_agree(flag: bool, device: str) -> bool:
+    """True on every rank when it is True on any (a stop must happen at the same step everywhere, or
+    the ranks that go on wait forever for the others' gradients)."""
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def rank_dropout_rng(seed: int, dist: Distributed, step: int, device: str) -> Any:
+    """With several ranks: the global RNG, for the forward/backward passes of one step, seeded by
+    (seed, rank, step), then restored. Dropout masks then differ between ranks (the same stream on
+    every rank would repeat one mask across the ranks' sequences) and do not depend on where a run
+    was resumed. A single process keeps the chapter's stream."""
+    if dist.world_size == 1 or device.split(":")[0] not in ("cpu", "cuda"):
+        return nullcontext()
+    import numpy as np
+    import torch
+
+    @contextmanager
+    def seeded() -> Iterator[None]:
+        state = int(np.random.SeedSequence([seed, dist.rank, step]).generate_state(1)[0])
+        cuda = device.startswith("cuda")
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            torch.default_generator.manual_seed(state)
+            if cuda:
+                torch.cuda.manual_seed(state)
+            yield
+
+    return seeded()
+
+
+def leave_process_group(dist: Distributed) -> None:
+    """Leave torchrun's process group (joined by `init_distributed`) when this process is in one."""
+    if dist.world_size > 1:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from gptcli.choices import GPT2_SIZES
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import cache_dir, check_can_create, tokenizer_cache_dir, verdict_cache_path
 from gptcli.tokenizer import ENCODER_JSON, ENCODER_JSON_SHA256, VOCAB_BPE, VOCAB_BPE_SHA256
@@ -45,7 +46,6 @@ VERDICT_BASE = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/c
 VERDICT_FILE = "the-verdict.txt"
 SHA256SUMS = "SHA256SUMS"
 
-GPT2_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = (
     "checkpoint",
     "encoder.json",

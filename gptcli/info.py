@@ -112,7 +112,7 @@ def gptcli_info(source: Path) -> dict[str, Any]:
 
 def _run_trainer_state(run_dir: Path, model_file: Path) -> dict[str, Any]:
     """trainer.json beside the model's real file (checkpoint-directory layout), else at the top."""
-    from gptcli.train import TRAINER_JSON
+    from gptcli.rundir import TRAINER_JSON
 
     for candidate in (model_file.resolve().parent / TRAINER_JSON, run_dir / TRAINER_JSON):
         if candidate.is_file():
@@ -126,18 +126,17 @@ def _run_trainer_state(run_dir: Path, model_file: Path) -> dict[str, Any]:
 def run_info(run_dir: Path) -> dict[str, Any]:
     """A training run: its model (the last checkpoint), settings, progress and evaluations."""
     from gptcli.checkpoint import load_config, resolve_model_path
-    from gptcli.train import RUN_FILE, read_metrics
+    from gptcli.settings import RUN_FILE, TrainSettings
+    from gptcli.train import read_metrics
 
     model_file = resolve_model_path(run_dir)
-    settings: dict[str, Any] = {}
-    if (run_dir / RUN_FILE).is_file():
-        settings = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+    settings = TrainSettings.from_file(run_dir) if (run_dir / RUN_FILE).is_file() else None
     trainer = _run_trainer_state(run_dir, model_file)
     origin = {
-        "corpus": settings.get("corpus"),
-        "init": settings.get("init"),
+        "corpus": settings.corpus if settings else None,
+        "init": settings.init if settings else None,
         "epochs_done": trainer.get("epoch"),
-        "planned_epochs": settings.get("epochs"),
+        "planned_epochs": settings.epochs if settings else None,
         "steps": trainer.get("steps_done"),
         "tokens_seen": trainer.get("tokens_seen"),
         "best_val_loss": trainer.get("best_val_loss"),

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gptcli.checkpoint import MODEL_FILE
+from gptcli.checkpoint import MODEL_FILE, current_umask
 from gptcli.errors import GptcliError, UsageError
 
 CHECKPOINTS = "checkpoints"
@@ -58,12 +58,6 @@ def fsync_path(path: Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def replace_symlink(link: Path, target: str) -> None:
@@ -119,7 +113,7 @@ def write_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path
         _remove_tree(final)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700
         for name, write in writers.items():
             write(tmp / name)
             save_point()

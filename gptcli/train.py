@@ -33,8 +33,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Generator, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,142 +48,20 @@ from gptcli.checkpoint import (
     load_weights,
 )
 from gptcli.config import GPTConfig
+from gptcli.distributed import Distributed, all_agree, init_distributed, leave_process_group, rank_dropout_rng
 from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.paths import RUNS_DIR
 from gptcli.rundir import TRAINER_FILE, TRAINER_JSON
 from gptcli.runtime import resolve_device
+from gptcli.settings import RUN_FILE, TrainSettings
 
 if TYPE_CHECKING:
     import torch
 
     from gptcli.model import GPT
 
-RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-MAX_SEED = 2**63 - 1
-# Settings that may change when a run is resumed; every other one is the run's for good.
-RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "device", "plots")
-
-
-@dataclass
-class TrainSettings:
-    """Everything that defines a run; saved as run.json so `--resume` continues the same run."""
-
-    corpus: str
-    config: GPTConfig
-    out: str | None = None
-    epochs: int = 10
-    batch_size: int = 2
-    micro_batch_size: int | None = None
-    lr: float = 4e-4
-    min_lr: float = 0.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    grad_clip: float | None = None
-    eval_freq: int = 5
-    eval_iter: int = 5
-    seed: int = 123
-    train_ratio: float = 0.9
-    stride: int | None = None
-    sample_prompt: str = "Every effort moves you"
-    sample_tokens: int = 50
-    device: str = "auto"
-    precision: str = "fp32"
-    compile: bool = False
-    max_steps: int | None = None
-    save_every: int | None = None
-    init: str | None = None
-    plots: bool = True
-    sampling: str = "epochs"
-    keep_checkpoints: int = 1
-    dropout_rng: str = "exact"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["config"] = self.config.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["config"] = GPTConfig.from_dict(values["config"])
-        return cls(**values)
-
-    def validate(self) -> None:
-        """Every setting in range, before anything is written (usage errors naming the option)."""
-        for name in ("epochs", "batch_size", "eval_freq", "eval_iter", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{_option(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "max_steps", "save_every", "stride"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"{_option(name)} must be at least 1, got {value}")
-        _check_float("lr", self.lr, low=0.0, low_open=True)
-        _check_float("min_lr", self.min_lr, low=0.0)
-        _check_float("weight_decay", self.weight_decay, low=0.0)
-        _check_float("train_ratio", self.train_ratio, low=0.0, low_open=True, high=1.0)
-        if self.grad_clip is not None:
-            _check_float("grad_clip", self.grad_clip, low=0.0, low_open=True)
-        if self.warmup_steps < 0:
-            raise UsageError(f"--warmup-steps must not be negative, got {self.warmup_steps}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"--seed must be between 0 and 2**63-1, got {self.seed}")
-        if self.sample_tokens and not self.sample_prompt:
-            raise UsageError("--sample-prompt must not be empty (use --sample-tokens 0 for no samples)")
-        if self.schedule not in ("constant", "cosine"):
-            raise UsageError(f"--schedule must be constant or cosine, got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise UsageError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.sample_tokens < 0:
-            raise UsageError("--sample-tokens must not be negative")
-        if self.sampling not in ("epochs", "random"):
-            raise UsageError(f"--sampling must be epochs or random, got {self.sampling!r}")
-        if self.dropout_rng not in ("exact", "fast"):
-            raise UsageError(f"--dropout-rng must be exact or fast, got {self.dropout_rng!r}")
-
-
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _check_float(name: str, value: float, low: float, low_open: bool = False, high: float | None = None) -> None:
-    """A usage error unless `value` is finite and within [low, high) (or (low, high) if `low_open`)."""
-    bounds = f"{'above' if low_open else 'at least'} {low:g}" + (f" and below {high:g}" if high is not None else "")
-    if (
-        not math.isfinite(value)
-        or value < low
-        or (low_open and value == low)
-        or (high is not None and value >= high)
-    ):
-        raise UsageError(f"{_option(name)} must be a finite number {bounds}, got {value}")
-
-
-def _same_value(name: str, old: Any, new: Any) -> bool:
-    if old == new:
-        return True
-    paths = name in ("corpus", "init", "out") and old is not None and new is not None
-    return paths and os.path.realpath(old) == os.path.realpath(new)
-
-
-def resumed_settings(stored: TrainSettings, given: dict[str, Any]) -> TrainSettings:
-    """`stored` (a run's run.json) with the settings typed again on `--resume` applied. Those in
-    RESUMABLE may change; any other may be repeated with its stored value, and a real change is a
-    usage error naming each option with the run's value and the one given. Model shape settings
-    (`emb_dim`, ...) are named as themselves."""
-    current = {**dataclasses.asdict(stored), **stored.config.to_dict()}
-    changes = []
-    for name, value in given.items():
-        if name in RESUMABLE:
-            setattr(stored, name, value)
-        elif not _same_value(name, current[name], value):
-            changes.append(f"{_option(name)} (the run's {current[name]!r}, given {value!r})")
-    if changes:
-        allowed = ", ".join(_option(n) for n in RESUMABLE)
-        raise UsageError(f"cannot change {'; '.join(changes)} when resuming; only {allowed} may change")
-    return stored
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -307,77 +185,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# --- devices and distributed --------------------------------------------------------------------
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> tuple[Distributed, str]:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed(), device
-    import torch
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(
-                f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} CUDA device(s) on this node; "
-                "start at most that many processes per node (or use --device cpu)"
-            )
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Distributed(rank, local_rank, world_size), device
-
-
-def all_agree(flag: bool, device: str) -> bool:
-    """True on every rank when it is True on any (a stop must happen at the same step everywhere, or
-    the ranks that go on wait forever for the others' gradients)."""
-    import torch
-    import torch.distributed as dist
-
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def rank_dropout_rng(seed: int, dist: Distributed, step: int, device: str) -> Any:
-    """With several ranks: the global RNG, for the forward/backward passes of one step, seeded by
-    (seed, rank, step), then restored. Dropout masks then differ between ranks (the same stream on
-    every rank would repeat one mask across the ranks' sequences) and do not depend on where a run
-    was resumed. A single process keeps the chapter's stream."""
-    if dist.world_size == 1 or device.split(":")[0] not in ("cpu", "cuda"):
-        return nullcontext()
-    import numpy as np
-    import torch
-
-    @contextmanager
-    def seeded() -> Iterator[None]:
-        state = int(np.random.SeedSequence([seed, dist.rank, step]).generate_state(1)[0])
-        cuda = device.startswith("cuda")
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-            torch.default_generator.manual_seed(state)
-            if cuda:
-                torch.cuda.manual_seed(state)
-            yield
-
-    return seeded()
 
 
 # --- trainer state ------------------------------------------------------------------------------
@@ -718,27 +525,6 @@ def _diverged(what: str, value: float, step: int, run: RunDirectory) -> GptcliEr
     )
 
 
-def train(
-    settings: TrainSettings,
-    resume: bool = False,
-    stop_requested: Callable[[], bool] = lambda: False,
-) -> Iterator[Event]:
-    """Run (or, with `resume`, continue) training, yielding events. `stop_requested` is polled
-    between optimizer steps; when it returns True the run saves a checkpoint and ends. Under
-    torchrun this joins (and finally leaves) the process group."""
-    settings.validate()
-    device = resolve_device(settings.device)
-    dist, device = init_distributed(device)
-    try:
-        yield from _train(settings, resume, stop_requested, dist, device)
-    finally:
-        if dist.world_size > 1:
-            import torch.distributed
-
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-
-
 @dataclass
 class _Data:
     """The run's data and the shape of its loop, all checked before anything is written."""
@@ -809,224 +595,268 @@ def _load_data(settings: TrainSettings, dist: Distributed) -> _Data:
                  accumulation, micro)
 
 
-def _train(
+def train(
     settings: TrainSettings,
-    resume: bool,
-    stop_requested: Callable[[], bool],
-    dist: Distributed,
-    device: str,
+    resume: bool = False,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> Iterator[Event]:
-    if settings.precision == "bf16" and device.startswith("mps"):
-        raise UsageError("--precision bf16 is not supported on mps")
-    run_dir = Path(settings.out) if settings.out else default_run_dir(settings.corpus)
-    rundir.check_out_path(run_dir)
-    data = _load_data(settings, dist)
-    run = RunDirectory(run_dir, settings.keep_checkpoints, dist.is_main)
-    failed = True
+    """Run (or, with `resume`, continue) training, yielding events. `stop_requested` is polled
+    between optimizer steps; when it returns True the run saves a checkpoint and ends. Under
+    torchrun this joins (and finally leaves) the process group."""
+    settings.validate()
+    dist, device = init_distributed(resolve_device(settings.device))
     try:
-        resume_from = run.open(resume)
-        yield from _run(settings, resume, resume_from, stop_requested, dist, device, run, data)
-        failed = False
+        yield from Trainer(settings, dist, device).run(resume, stop_requested)
     finally:
-        run.close(failed)
+        leave_process_group(dist)
 
 
-def _run(
-    settings: TrainSettings,
-    resume: bool,
-    resume_from: Path | None,
-    stop_requested: Callable[[], bool],
-    dist: Distributed,
-    device: str,
-    run: RunDirectory,
-    data: _Data,
-) -> Iterator[Event]:
-    import torch
+class Trainer:
+    """One training process: `setup` (model, optimizer, resumed state, run files), `fit` (epochs of
+    `_step`s with `_evaluate` every --eval-freq steps and `_end_epoch` after each pass), `finish`
+    (the last checkpoint, plots, the summary), as litgpt's setup -> fit -> validate. Everything the
+    run needs is checked before its directory is touched (in `__init__`)."""
 
-    from gptcli.data import BatchLoader
-    from gptcli.kernels import set_dropout_rng
-    from gptcli.optim import adamw
-    from gptcli.tokenizer import encode
+    def __init__(self, settings: TrainSettings, dist: Distributed, device: str) -> None:
+        if settings.precision == "bf16" and device.startswith("mps"):
+            raise UsageError("--precision bf16 is not supported on mps")
+        run_dir = Path(settings.out) if settings.out else default_run_dir(settings.corpus)
+        rundir.check_out_path(run_dir)
+        self.settings, self.dist, self.device = settings, dist, device
+        self.data = _load_data(settings, dist)
+        self.directory = RunDirectory(run_dir, settings.keep_checkpoints, dist.is_main)
+        self.position = Position()
+        self.tokens_per_step = settings.batch_size * settings.config.context_length
+        self.last_eval: Evaluation | None = None
+        self.reason = "completed"  # how the run ended, for RunFinished
 
-    config = settings.config
-    device_type = device.split(":")[0]
-    run_dir = run.path
-    tokenizer, train_loader, val_loader, sampler = data.tokenizer, data.train_loader, data.val_loader, data.sampler
-    steps_per_epoch, epochs, total_steps = data.steps_per_epoch, data.epochs, data.total_steps
-    accumulation, micro = data.accumulation, data.micro
+    def run(self, resume: bool, stop_requested: Callable[[], bool]) -> Iterator[Event]:
+        """setup -> fit -> finish, with the run directory locked; a new directory is removed again
+        when the run fails before its first checkpoint."""
+        failed = True
+        try:
+            resume_from = self.directory.open(resume)
+            yield from self.setup(resume, resume_from)
+            started, start_tokens = time.perf_counter(), self.position.tokens_seen
+            yield from self.fit(stop_requested)
+            yield from self.finish(started, start_tokens)
+            failed = False
+        finally:
+            self.directory.close(failed)
 
-    torch.manual_seed(settings.seed)
-    model = build_model(settings, load_init=resume_from is None).to(device)
-    set_dropout_rng(model, settings.dropout_rng)  # type: ignore[arg-type]
-    # The chapter's optimizer: AdamW over all parameters (torch's fused kernel where it has one).
-    optimizer = adamw(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    def setup(self, resume: bool, resume_from: Path | None) -> Iterator[Event]:
+        import torch
 
-    position = Position()
-    if resume_from is not None:
-        position = load_checkpoint(resume_from, model, optimizer)
-        run.saved_step = position.steps_done
-    elif resume:
-        yield Notice(f"{run_dir} has no complete checkpoint yet: the run starts again from step 0")
-    if dist.is_main:
-        _start_files(run, settings, position)
+        from gptcli.kernels import set_dropout_rng
+        from gptcli.optim import adamw
 
-    train_model: Any = model
-    if dist.world_size > 1:
+        settings = self.settings
+        torch.manual_seed(settings.seed)
+        self.model = build_model(settings, load_init=resume_from is None).to(self.device)
+        set_dropout_rng(self.model, settings.dropout_rng)
+        # The chapter's optimizer: AdamW over all parameters (torch's fused kernel where it has one).
+        self.optimizer = adamw(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        if resume_from is not None:
+            self.position = load_checkpoint(resume_from, self.model, self.optimizer)
+            self.directory.saved_step = self.position.steps_done
+        elif resume:
+            yield Notice(f"{self.directory.path} has no complete checkpoint yet: the run starts again from step 0")
+        if self.dist.is_main:
+            _start_files(self.directory, settings, self.position)
+        self.eager_model = self.train_model = self._wrap_ddp(self.model)
+        if settings.compile:
+            self.train_model = torch.compile(self.train_model)
+        yield self._started()
+
+    def _wrap_ddp(self, model: GPT) -> Any:
+        if self.dist.world_size == 1:
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device_type == "cuda" else None)
-    eager_model = train_model
-    if settings.compile:
-        train_model = torch.compile(train_model)
+        cuda = self.device.startswith("cuda")
+        return DistributedDataParallel(model, device_ids=[self.dist.local_rank] if cuda else None)
 
-    def autocast() -> Any:
-        if settings.precision == "bf16":
-            return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    def evaluate(epoch: int, step: int, lr: float) -> Evaluation | None:
-        # Every rank draws the train loader's order seed, keeping the RNG streams in step; only
-        # rank 0 computes the losses (on the global batch size, as a single process would).
-        train_seed = train_loader.draw_order_seed()
-        val_loader.draw_order_seed()
-        if not dist.is_main:
-            return None
-        model.eval()
-        with autocast():
-            train_loss = mean_batch_loss(
-                model, BatchLoader(train_loader.dataset, settings.batch_size, True, True).batches(train_seed),
-                settings.eval_iter, device,
-            )
-            val_loss = mean_batch_loss(model, val_loader.batches(None), settings.eval_iter, device)
-        model.train()
-        return Evaluation(
-            epoch=epoch + 1, step=step, tokens_seen=position.tokens_seen, train_loss=train_loss,
-            val_loss=val_loss, train_ppl=perplexity(train_loss), val_ppl=perplexity(val_loss), lr=lr,
+    def _started(self) -> RunStarted:
+        data, config = self.data, self.settings.config
+        return RunStarted(
+            out_dir=self.directory.path, device=self.device, config=config,
+            parameters=sum(p.numel() for p in self.model.parameters()),
+            train_tokens=len(data.train_loader) * self.tokens_per_step,
+            val_tokens=len(data.val_loader.dataset) * config.context_length,
+            steps_per_epoch=data.steps_per_epoch, total_steps=data.total_steps,
+            start_step=self.position.steps_done, world_size=self.dist.world_size, settings=self.settings,
         )
 
-    def sample_text() -> str:
-        from gptcli.generate import generate
+    def fit(self, stop_requested: Callable[[], bool]) -> Iterator[Event]:
+        """Epochs until --epochs (or --max-steps) are done or a stop is requested."""
+        position, data = self.position, self.data
+        self.model.train()
+        while position.epoch < data.epochs and position.steps_done < data.total_steps:
+            interrupted = yield from self._epoch(stop_requested)
+            if interrupted:
+                self.reason = "interrupted"
+                return
+            if position.batch_in_epoch >= data.steps_per_epoch:
+                yield from self._end_epoch()
 
-        model.eval()
-        prompt = torch.tensor([encode(tokenizer, settings.sample_prompt)], device=device)
-        new_tokens = generate(model, prompt, max_new_tokens=settings.sample_tokens, stop_at_eos=False)
-        model.train()
-        return tokenizer.decode(prompt[0].tolist() + new_tokens[0]).replace("\n", " ")
-
-    def checkpoint() -> CheckpointSaved | None:
-        return run.save(model, optimizer, position) if dist.is_main else None
-
-    tokens_per_step = settings.batch_size * config.context_length
-    yield RunStarted(
-        out_dir=run_dir, device=device, config=config,
-        parameters=sum(p.numel() for p in model.parameters()),
-        train_tokens=len(train_loader) * tokens_per_step, val_tokens=len(val_loader.dataset) * config.context_length,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=position.steps_done,
-        world_size=dist.world_size, settings=settings,
-    )
-
-    started = time.perf_counter()
-    start_tokens = position.tokens_seen
-    last_eval: Evaluation | None = None
-    reason = "completed"
-    model.train()
-    while position.epoch < epochs and position.steps_done < total_steps:
-        if sampler is not None:
-            batches = sampler.batches(position.steps_done, steps_per_epoch - position.batch_in_epoch)
-        else:
-            if position.batch_in_epoch == 0:
-                position.epoch_seed = train_loader.draw_order_seed()
-            batches = train_loader.batches(position.epoch_seed, position.batch_in_epoch)
-        for inputs, targets in batches:
-            stop = stop_requested()
-            if dist.world_size > 1:
-                stop = all_agree(stop, device)
-            if stop:
-                reason = "interrupted"
-                break
-            step_started = time.perf_counter()
-            lr = learning_rate(position.steps_done, settings, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            inputs, targets = inputs.to(device), targets.to(device)
-            with rank_dropout_rng(settings.seed, dist, position.steps_done, device):
-                for m in range(accumulation):
-                    chunk = slice(m * micro, (m + 1) * micro)
-                    # Gradients are all-reduced only on the last micro-batch's backward.
-                    sync = m == accumulation - 1 or dist.world_size == 1
-                    with (nullcontext() if sync else train_model.no_sync()), autocast():
-                        try:
-                            loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
-                        except Exception as exc:
-                            if train_model is eager_model:
-                                raise
-                            # torch.compile needs a working toolchain; without one, train eagerly.
-                            train_model = eager_model
-                            yield Notice(f"torch.compile failed ({type(exc).__name__}); training without it")
-                            loss = batch_loss(train_model, inputs[chunk], targets[chunk]) / accumulation
-                    loss.backward()
-                    loss_sum += loss.detach()
-            if dist.world_size > 1:
-                # The mean over ranks (gloo has no AVG): every rank reports the global batch's loss.
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
-                loss_sum /= dist.world_size
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                raise _diverged("training loss", loss_value, position.steps_done, run)
-            grad_norm = gradient_norm(model, settings.grad_clip)
-            if not math.isfinite(grad_norm):
-                raise _diverged("gradient norm", grad_norm, position.steps_done, run)
-            optimizer.step()
-            position.steps_done += 1
-            position.batch_in_epoch += 1
-            position.tokens_seen += tokens_per_step
-            step = position.steps_done - 1  # the chapter counts steps from 0
-            elapsed = time.perf_counter() - step_started
-            yield StepDone(position.epoch + 1, step, position.tokens_seen, loss_value, lr, tokens_per_step / elapsed)
-
-            if step % settings.eval_freq == 0:
-                evaluation = evaluate(position.epoch, step, lr)
-                if evaluation is not None:
-                    last_eval = evaluation
-                    if position.best_val_loss is None or last_eval.val_loss < position.best_val_loss:
-                        position.best_val_loss = last_eval.val_loss
-                    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-                        handle.write(jsonio.dumps(last_eval.to_dict()) + "\n")
-                    yield last_eval
-            if position.steps_done >= total_steps:
-                reason = "max_steps" if total_steps < epochs * steps_per_epoch else "completed"
-                break
+    def _epoch(self, stop_requested: Callable[[], bool]) -> Generator[Event, None, bool]:
+        """The rest of the current epoch's steps; True when it stopped because a stop was requested."""
+        position, settings = self.position, self.settings
+        for inputs, targets in self._batches():
+            if self._stop_agreed(stop_requested()):
+                return True
+            yield from self._step(inputs, targets)
+            if position.steps_done >= self.data.total_steps:
+                full_run = self.data.epochs * self.data.steps_per_epoch
+                self.reason = "max_steps" if self.data.total_steps < full_run else "completed"
+                return False
             if settings.save_every and position.steps_done % settings.save_every == 0:
-                saved = checkpoint()
-                if saved:
-                    yield saved
-        if reason == "interrupted":
-            break
-        if position.batch_in_epoch >= steps_per_epoch:
-            if dist.is_main and settings.sample_tokens:
-                yield Sample(position.epoch + 1, position.steps_done - 1, sample_text())
-            position.epoch += 1
-            position.batch_in_epoch = 0
-            position.epoch_seed = None
-            if position.epoch < epochs:
-                saved = checkpoint()
-                if saved:
-                    yield saved
-        if reason != "completed":
-            break
+                yield from self.checkpoint()
+        return False
 
-    saved = checkpoint()
-    if saved:
-        yield saved
-    files = [run_dir / MODEL_FILE, run_dir / METRICS_FILE]
-    if dist.is_main and settings.plots:
-        files += write_plots(run_dir, read_metrics(run_dir), steps_per_epoch)
-    seconds = time.perf_counter() - started
-    trained = position.tokens_seen - start_tokens
-    yield RunFinished(
-        reason=reason, out_dir=run_dir, steps=position.steps_done, tokens_seen=position.tokens_seen,
-        seconds=seconds, tokens_per_second=trained / seconds if seconds > 0 else 0.0,
-        best_val_loss=position.best_val_loss, final=last_eval, files=files,
-    )
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The current epoch's remaining batches (random sampling: as many random windows)."""
+        position, data = self.position, self.data
+        if data.sampler is not None:
+            return data.sampler.batches(position.steps_done, data.steps_per_epoch - position.batch_in_epoch)
+        if position.batch_in_epoch == 0:
+            position.epoch_seed = data.train_loader.draw_order_seed()
+        return data.train_loader.batches(position.epoch_seed, position.batch_in_epoch)
+
+    def _stop_agreed(self, stop: bool) -> bool:
+        # Under torchrun every rank must stop at the same step (see all_agree).
+        return all_agree(stop, self.device) if self.dist.world_size > 1 else stop
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor) -> Iterator[Event]:
+        """One optimizer step (its micro-batches), then an evaluation every --eval-freq steps."""
+        position = self.position
+        started = time.perf_counter()
+        lr = learning_rate(position.steps_done, self.settings, self.data.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = yield from self._forward_backward(inputs, targets)
+        if not math.isfinite(loss):
+            raise _diverged("training loss", loss, position.steps_done, self.directory)
+        grad_norm = gradient_norm(self.model, self.settings.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise _diverged("gradient norm", grad_norm, position.steps_done, self.directory)
+        self.optimizer.step()
+        position.steps_done += 1
+        position.batch_in_epoch += 1
+        position.tokens_seen += self.tokens_per_step
+        step = position.steps_done - 1  # the chapter counts steps from 0
+        speed = self.tokens_per_step / (time.perf_counter() - started)
+        yield StepDone(position.epoch + 1, step, position.tokens_seen, loss, lr, speed)
+        if step % self.settings.eval_freq == 0:
+            yield from self._evaluate(step, lr)
+
+    def _forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> Generator[Event, None, float]:
+        """Gradients of the step's batch, over its micro-batches; the batch's mean loss (over all ranks)."""
+        import torch
+
+        accumulation, micro, dist = self.data.accumulation, self.data.micro, self.dist
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        with rank_dropout_rng(self.settings.seed, dist, self.position.steps_done, self.device):
+            for m in range(accumulation):
+                chunk = slice(m * micro, (m + 1) * micro)
+                # Gradients are all-reduced only on the last micro-batch's backward.
+                sync = m == accumulation - 1 or dist.world_size == 1
+                with (nullcontext() if sync else self.train_model.no_sync()), self._autocast():
+                    loss = yield from self._micro_batch_loss(inputs[chunk], targets[chunk])
+                loss.backward()
+                loss_sum += loss.detach()
+        if dist.world_size > 1:
+            # The mean over ranks (gloo has no AVG): every rank reports the global batch's loss.
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)
+            loss_sum /= dist.world_size
+        return float(loss_sum.item())
+
+    def _micro_batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> Generator[Event, None, torch.Tensor]:
+        try:
+            return batch_loss(self.train_model, inputs, targets) / self.data.accumulation
+        except Exception as exc:
+            if self.train_model is self.eager_model:
+                raise
+            # torch.compile needs a working toolchain; without one, train eagerly.
+            self.train_model = self.eager_model
+            yield Notice(f"torch.compile failed ({type(exc).__name__}); training without it")
+            return batch_loss(self.train_model, inputs, targets) / self.data.accumulation
+
+    def _autocast(self) -> Any:
+        if self.settings.precision == "bf16":
+            import torch
+
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _evaluate(self, step: int, lr: float) -> Iterator[Event]:
+        """The chapter's evaluate_model on rank 0: --eval-iter batches of each split, logged to metrics.jsonl."""
+        from gptcli.data import BatchLoader
+
+        # Every rank draws the train loader's order seed, keeping the RNG streams in step; only
+        # rank 0 computes the losses (on the global batch size, as a single process would).
+        data, settings, position = self.data, self.settings, self.position
+        train_seed = data.train_loader.draw_order_seed()
+        data.val_loader.draw_order_seed()
+        if not self.dist.is_main:
+            return
+        train_batches = BatchLoader(data.train_loader.dataset, settings.batch_size, True, True).batches(train_seed)
+        self.model.eval()
+        with self._autocast():
+            train_loss = mean_batch_loss(self.model, train_batches, settings.eval_iter, self.device)
+            val_loss = mean_batch_loss(self.model, data.val_loader.batches(None), settings.eval_iter, self.device)
+        self.model.train()
+        self.last_eval = Evaluation(
+            epoch=position.epoch + 1, step=step, tokens_seen=position.tokens_seen, train_loss=train_loss,
+            val_loss=val_loss, train_ppl=perplexity(train_loss), val_ppl=perplexity(val_loss), lr=lr,
+        )
+        if position.best_val_loss is None or val_loss < position.best_val_loss:
+            position.best_val_loss = val_loss
+        with open(self.directory.path / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(jsonio.dumps(self.last_eval.to_dict()) + "\n")
+        yield self.last_eval
+
+    def _end_epoch(self) -> Iterator[Event]:
+        """The chapter's sample after each epoch, then a checkpoint (the last one is `finish`'s)."""
+        position = self.position
+        if self.dist.is_main and self.settings.sample_tokens:
+            yield Sample(position.epoch + 1, position.steps_done - 1, self._sample_text())
+        position.epoch += 1
+        position.batch_in_epoch = 0
+        position.epoch_seed = None
+        if position.epoch < self.data.epochs:
+            yield from self.checkpoint()
+
+    def _sample_text(self) -> str:
+        import torch
+
+        from gptcli.generate import generate
+        from gptcli.tokenizer import encode
+
+        tokenizer = self.data.tokenizer
+        self.model.eval()
+        prompt = torch.tensor([encode(tokenizer, self.settings.sample_prompt)], device=self.device)
+        new_tokens = generate(self.model, prompt, max_new_tokens=self.settings.sample_tokens, stop_at_eos=False)
+        self.model.train()
+        return str(tokenizer.decode(prompt[0].tolist() + new_tokens[0]).replace("\n", " "))
+
+    def checkpoint(self) -> Iterator[Event]:
+        """Save and commit a checkpoint (rank 0 writes; the other ranks have nothing to save)."""
+        if self.dist.is_main:
+            yield self.directory.save(self.model, self.optimizer, self.position)
+
+    def finish(self, started: float, start_tokens: int) -> Iterator[Event]:
+        """The last checkpoint, the plots, and the run's summary (time and speed since `started`)."""
+        yield from self.checkpoint()
+        path, position = self.directory.path, self.position
+        files = [path / MODEL_FILE, path / METRICS_FILE]
+        if self.dist.is_main and self.settings.plots:
+            files += write_plots(path, read_metrics(path), self.data.steps_per_epoch)
+        seconds, tokens_trained = time.perf_counter() - started, position.tokens_seen - start_tokens
+        yield RunFinished(
+            reason=self.reason, out_dir=path, steps=position.steps_done, tokens_seen=position.tokens_seen,
+            seconds=seconds, tokens_per_second=tokens_trained / seconds if seconds > 0 else 0.0,
+            best_val_loss=position.best_val_loss, final=self.last_eval, files=files,
+        )

@@ -26,6 +26,15 @@ def human(n: float) -> str:
     return f"{n:.1f}T"
 
 
+def byte_size(n: float) -> str:
+    """Bytes for people, in powers of 1000: `512 B`, `1.5 MB`, `3.2 GB`."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} GB"
+
+
 def _ppl(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.2f}"
 

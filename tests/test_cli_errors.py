@@ -122,7 +122,7 @@ def test_usage_error_in_a_real_process_is_one_line() -> None:
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
-        "error: Invalid value for 'what': 'nosuchthing' is not one of 'verdict', 'tokenizer', 'gpt2'. "
+        "error: Invalid value for 'WHAT': 'nosuchthing' is not one of 'verdict', 'tokenizer', 'gpt2'. "
         "(see `gptcli fetch --help`)"
     ]
 

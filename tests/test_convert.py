@@ -285,6 +285,14 @@ def test_data_corruption_passes_with_no_verify_but_shapes_still_checked(tmp_path
     release = _corrupt_copy(tmp_path, "data-flipped")
     result = invoke("convert", release, "--out", tmp_path / "m.safetensors", "--no-verify")
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.safetensors").is_file()
+    # --no-verify skips the checksums only: a shape that disagrees with hparams.json still fails.
+    wider = _corrupt_copy(tmp_path / "wider", "hparams-wider")
+    result = invoke("convert", wider, "--out", tmp_path / "w.safetensors", "--no-verify")
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "expected [50257, 32]" in lines[0], result.stderr
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_refuses_to_overwrite_its_source_and_unknown_inputs(tmp_path: Path, converted: Path) -> None:

@@ -17,6 +17,7 @@ from gptcli.cli import app
 from gptcli.config import PRESETS, GPTConfig
 from gptcli.info import parameter_counts
 from gptcli.model import GPT
+from gptcli.settings import TrainSettings
 from tests.conftest import OPENAI_TINY, VERDICT
 
 runner = CliRunner()
@@ -85,7 +86,8 @@ def test_openai_and_hf_directories(tmp_path: Path) -> None:
 def fake_run(run_dir: Path, checkpoint_dirs: bool) -> None:
     """A run directory as `train` writes it, in the flat or the checkpoint-directory layout."""
     run_dir.mkdir()
-    (run_dir / "run.json").write_text(json.dumps({"corpus": "corpus.txt", "epochs": 3, "init": None}))
+    settings = TrainSettings(corpus="corpus.txt", config=SMALL, epochs=3)
+    (run_dir / "run.json").write_text(json.dumps(settings.to_dict()))
     where = run_dir / "checkpoints" / "step-000040" if checkpoint_dirs else run_dir
     where.mkdir(parents=True, exist_ok=True)
     save_model(where / "model.safetensors", GPT(SMALL), {"step": "40"})

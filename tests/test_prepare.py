@@ -211,7 +211,8 @@ def test_vocabulary_must_fit_the_dtype(tmp_path):
     (["-", "-"], 2, "stdin ('-') can be read only once"),
     (["{verdict}", "--val-ratio", "1"], 2, "--val-ratio must be between 0 and 1"),
     (["{verdict}", "--workers", "0"], 2, "--workers must be at least 1"),
-    (["{verdict}", "--split-by", "chapter"], 2, "--split-by must be one of"),
+    (["{verdict}", "--split-by", "chapter"], 2,
+     "Invalid value for '--split-by': 'chapter' is not one of 'auto', 'document', 'position'"),
     (["{dir}"], 1, "no files matching '*.txt'"),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, args, code, message):

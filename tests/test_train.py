@@ -21,7 +21,7 @@ from gptcli.config import GPTConfig, get_preset
 from gptcli.data import BatchLoader, WindowDataset, check_enough_tokens, text_splits
 from gptcli.errors import GptcliError, UsageError
 from gptcli.model import GPT, parameter_counts
-from gptcli.train import Evaluation, RunFinished, TrainSettings, learning_rate, train
+from gptcli.train import CheckpointSaved, Evaluation, RunFinished, TrainSettings, learning_rate, train
 
 from .conftest import VERDICT
 
@@ -158,7 +158,8 @@ def test_missing_corpus_and_bad_options():
     result = runner.invoke(app, ["train", str(VERDICT), "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size must be at least 1" in result.output
     result = runner.invoke(app, ["train", str(VERDICT), "--schedule", "linear"])
-    assert result.exit_code == 2 and "--schedule" in result.output
+    assert result.exit_code == 2
+    assert "Invalid value for '--schedule': 'linear' is not one of 'constant', 'cosine'" in result.output
     result = runner.invoke(app, ["train", str(VERDICT), "--threads", "0"])
     assert result.exit_code == 2 and "--threads must be at least 1" in result.output
 
@@ -168,7 +169,10 @@ def test_schedule_warmup_then_cosine():
     lrs = [learning_rate(step, settings, total_steps=14) for step in range(14)]
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0)
-    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    # Cosine over the 10 steps after warmup: 0.1 + 0.45 * (1 + cos(pi * progress)), worked out by hand.
+    assert lrs[6] == pytest.approx(0.9140576475)  # progress 0.2
+    assert lrs[9] == pytest.approx(0.55)  # progress 0.5
+    assert lrs[11] == pytest.approx(0.2854966365)  # progress 0.7
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
     assert learning_rate(14, settings, 14) == pytest.approx(0.1)
     constant = tiny_settings(Path("x"), lr=0.5)
@@ -264,9 +268,9 @@ def test_features_beyond_the_chapter_train(tmp_path):
                                       schedule="cosine", warmup_steps=3, min_lr=1e-4, precision="bf16", lr=3e-3)))
     evals = evaluations(events)
     assert evals[-1].train_loss < evals[0].train_loss
-    assert [e.lr for e in evals] == pytest.approx([1e-3, learning_rate(3, tiny_settings(
-        Path("x"), schedule="cosine", warmup_steps=3, min_lr=1e-4, lr=3e-3), 9), learning_rate(
-        6, tiny_settings(Path("x"), schedule="cosine", warmup_steps=3, min_lr=1e-4, lr=3e-3), 9)])
+    # Evaluations at steps 0, 3 and 6 of 9: warmup 3e-3 / 3, then the peak, then half way down the
+    # cosine from 3e-3 to 1e-4 (1e-4 + 2.9e-3 / 2).
+    assert [e.lr for e in evals] == pytest.approx([1e-3, 3e-3, 1.55e-3])
 
 
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
@@ -284,12 +288,18 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(out), "--epochs", "2", "--quiet"])
     assert result.exit_code == 0
     # A huge learning rate makes the weights overflow; training must stop, not save garbage.
-    settings = tiny_settings(tmp_path / "nan", epochs=1, lr=1e20, save_every=1)
+    diverging = tmp_path / "nan"
+    saved: list[tuple[int, bytes]] = []  # (step, model file) of each checkpoint, as it was committed
     with pytest.raises(GptcliError, match="training loss became") as info:
-        list(train(settings))
+        for event in train(tiny_settings(diverging, epochs=1, lr=1e20, save_every=1)):
+            if isinstance(event, CheckpointSaved):
+                saved.append((event.step, (diverging / "model.safetensors").read_bytes()))
     assert info.value.exit_code == 3
-    saved = load_file(tmp_path / "nan" / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in saved.values())
+    kept_step, kept_bytes = saved[-1]
+    assert f"the last checkpoint (step {kept_step}) is kept" in info.value.message
+    assert os.readlink(diverging / "checkpoints" / "latest") == f"step-{kept_step:06d}"
+    assert (diverging / "model.safetensors").read_bytes() == kept_bytes  # not touched by the failure
+    assert all(torch.isfinite(t).all() for t in load_file(diverging / "model.safetensors").values())
     assert (out / "model.safetensors").read_bytes() != good  # the resumed run did save
 
 
@@ -400,3 +410,18 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     assert any(isinstance(e, Notice) and "torch.compile failed" in e.text for e in events)
     eager = evaluations(train(tiny_settings(tmp_path / "e", epochs=1)))
     assert [e.to_dict() for e in evaluations(events)] == [e.to_dict() for e in eager]
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda s: {**s, "colour": "blue"}, "unknown setting(s): colour"),
+    (lambda s: {k: v for k, v in s.items() if k != "corpus"}, "missing setting(s): corpus"),
+    (lambda s: [s], "the settings must be a JSON object, got list"),
+])
+def test_a_damaged_run_json_is_refused_on_resume(tmp_path, damage, says):
+    out = tmp_path / "run"
+    list(train(tiny_settings(out, max_steps=1)))
+    run_json = out / "run.json"
+    run_json.write_text(json.dumps(damage(json.loads(run_json.read_text()))))
+    result = runner.invoke(app, ["train", "--resume", str(out), "-q"])
+    assert result.exit_code == 2
+    assert result.output == f"error: --resume {run_json} is damaged ({says}); it cannot be resumed\n"

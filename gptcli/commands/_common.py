@@ -1,13 +1,16 @@
-"""Helpers that `sample` and `eval` share (commands do not import each other): stdin, and loading a
-model for inference. Heavy modules are imported inside the functions."""
+"""Helpers that commands share (commands do not import each other): stdin, loading a model for
+inference (`sample`, `eval`), and converting with a progress bar (`convert`, `fetch gpt2 --convert`).
+Heavy modules are imported inside the functions."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from gptcli.convert import ConvertResult
     from gptcli.model import GPT
 
 
@@ -48,3 +51,54 @@ def load_for_inference(
         markup=False, highlight=False, soft_wrap=True,
     )
     return model, str(path), device, precision
+
+
+def run_conversion(
+    source: Path,
+    out: Path | None,
+    from_format: str,
+    to_format: str,
+    verify: bool,
+    force: bool = False,
+    n_heads: int | None = None,
+    gguf_type: str = "f32",
+) -> ConvertResult:
+    """`convert` with a progress bar and a summary line on stderr (`convert`, `fetch gpt2 --convert`)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gptcli.convert import convert
+    from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+    from gptcli.ui import byte_size, console
+
+    start = time.perf_counter()
+    progress = Progress(
+        TextColumn("converting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("", total=None)
+
+    def on_tensor(done: int, total: int, name: str) -> None:
+        progress.update(task, completed=done, total=total, description=name)
+
+    try:
+        with progress:
+            result = convert(source, out, from_format, to_format, verify, on_tensor, force, n_heads, gguf_type)
+    except KeyboardInterrupt:
+        raise GptcliError("interrupted; no output was written", EXIT_INTERRUPTED) from None
+    c = result.config
+    console.print(
+        f"[green]✓[/] {result.source_format} → {result.target_format}: {result.output} "
+        f"({result.num_tensors} tensors, {byte_size(result.num_bytes)}; {c.n_layers} layers, "
+        f"{c.emb_dim} dims, {c.n_heads} heads, context {c.context_length}, vocab {c.vocab_size}) "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+    return result

@@ -27,35 +27,11 @@ The output is written atomically: a failure leaves no output file. Examples:
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
-if TYPE_CHECKING:
-    from gptcli.convert import ConvertResult
-
-
-class Source(str, enum.Enum):
-    auto = "auto"
-    openai = "openai"
-    hf = "hf"
-    gptcli = "gptcli"
-    book = "book"
-
-
-class Target(str, enum.Enum):
-    gptcli = "gptcli"
-    hf = "hf"
-    book = "book"
-    gguf = "gguf"
-
-
-class GGUFType(str, enum.Enum):
-    f32 = "f32"
-    f16 = "f16"
-    q8_0 = "q8_0"
+from gptcli.choices import GGUFType, SourceFormat, TargetFormat
 
 
 def command(
@@ -72,11 +48,11 @@ def command(
         "<source>/model.safetensors for OpenAI's files, ./<name>.safetensors for others, ./<name>-hf with "
         "--to hf, ./<name>-book.safetensors with --to book, ./<name>.gguf with --to gguf.",
     ),
-    from_format: Source = typer.Option(
-        Source.auto, "--from", help="Source format; auto detects it from the files present."
+    from_format: SourceFormat = typer.Option(
+        "auto", "--from", help="Source format; auto detects it from the files present."
     ),
-    to_format: Target = typer.Option(
-        Target.gptcli,
+    to_format: TargetFormat = typer.Option(
+        "gptcli",
         "--to",
         help="gptcli: a model file for sample/eval/train --init; hf: a directory that "
         "transformers' GPT2LMHeadModel.from_pretrained loads; book: a .safetensors with exactly the chapter's "
@@ -91,7 +67,7 @@ def command(
         show_default=False,
     ),
     gguf_type: GGUFType = typer.Option(
-        GGUFType.f32,
+        "f32",
         "--gguf-type",
         help="With --to gguf: the type of the matrices (1-D tensors stay f32); q8_0 uses the gguf package's "
         "quantizer.",
@@ -110,7 +86,9 @@ def command(
 ) -> None:
     import json
 
-    result = run_conversion(source, out, from_format.value, to_format.value, verify, force, n_heads, gguf_type.value)
+    from gptcli.commands._common import run_conversion
+
+    result = run_conversion(source, out, from_format, to_format, verify, force, n_heads, gguf_type)
     gpt_config = None
     if result.target_format == "book":
         from gptcli.formats.book import book_config_dict
@@ -132,56 +110,5 @@ def command(
         if gpt_config is not None:
             report["GPT_CONFIG"] = gpt_config
         if result.target_format == "gguf":
-            report["gguf_type"] = gguf_type.value
+            report["gguf_type"] = gguf_type
         typer.echo(json.dumps(report, indent=2))
-
-
-def run_conversion(
-    source: Path,
-    out: Path | None,
-    from_format: str,
-    to_format: str,
-    verify: bool,
-    force: bool = False,
-    n_heads: int | None = None,
-    gguf_type: str = "f32",
-) -> ConvertResult:
-    """Convert with a progress bar on stderr; also used by `fetch gpt2 --convert`."""
-    import time
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from gptcli.convert import convert
-    from gptcli.errors import EXIT_INTERRUPTED, GptcliError
-    from gptcli.ui import console
-
-    start = time.perf_counter()
-    progress = Progress(
-        TextColumn("converting"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-    )
-    task = progress.add_task("", total=None)
-
-    def on_tensor(done: int, total: int, name: str) -> None:
-        progress.update(task, completed=done, total=total, description=name)
-
-    try:
-        with progress:
-            result = convert(source, out, from_format, to_format, verify, on_tensor, force, n_heads, gguf_type)
-    except KeyboardInterrupt:
-        raise GptcliError("interrupted; no output was written", EXIT_INTERRUPTED) from None
-    c = result.config
-    console.print(
-        f"[green]✓[/] {result.source_format} → {result.target_format}: {result.output} "
-        f"({result.num_tensors} tensors, {result.num_bytes / 1e6:,.1f} MB; {c.n_layers} layers, "
-        f"{c.emb_dim} dims, {c.n_heads} heads, context {c.context_length}, vocab {c.vocab_size}) "
-        f"in {time.perf_counter() - start:.1f}s"
-    )
-    for note in result.notes:
-        console.print(f"note: {note}")
-    return result

@@ -12,11 +12,12 @@ files are verified before they are put in place; complete files are skipped.
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
+from gptcli.choices import GPT2_SIZES, FetchWhat, GPT2Size
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,22 +25,9 @@ if TYPE_CHECKING:
     from gptcli.download import FetchEvent
 
 
-class What(str, enum.Enum):
-    verdict = "verdict"
-    tokenizer = "tokenizer"
-    gpt2 = "gpt2"
-
-
-class Size(str, enum.Enum):
-    s124M = "124M"
-    s355M = "355M"
-    s774M = "774M"
-    s1558M = "1558M"
-
-
 def command(
-    what: What = typer.Argument(..., help="verdict, tokenizer or gpt2.", show_default=False),
-    size: Size = typer.Option(Size.s124M, "--size", help="GPT-2 model size (gpt2 only)."),
+    what: FetchWhat = typer.Argument(..., help="What to download (see above).", show_default=False),
+    size: GPT2Size = typer.Option(GPT2_SIZES[0], "--size", help="GPT-2 model size (gpt2 only)."),
     out: Path | None = typer.Option(
         None,
         "--out",
@@ -81,25 +69,25 @@ def command(
     from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
     from gptcli.ui import console
 
-    if out is not None and what is not What.verdict:
+    if out is not None and what != "verdict":
         raise UsageError("--out is for `fetch verdict`; use --dir for the other files")
-    if directory is not None and what is What.verdict:
+    if directory is not None and what == "verdict":
         raise UsageError("`fetch verdict` takes --out FILE, not --dir")
-    if convert and what is not What.gpt2:
+    if convert and what != "gpt2":
         raise UsageError("--convert is for `fetch gpt2`")
     policy = download.RetryPolicy(retries=retries, backoff=backoff, timeout=timeout)
     renderer = _Renderer(console)
     try:
         with renderer:
-            if what is What.verdict:
+            if what == "verdict":
                 results = [download.fetch_verdict(out, mirror, renderer.on_event, policy, want_sha256=json_output)]
-            elif what is What.tokenizer:
+            elif what == "tokenizer":
                 results = download.fetch_tokenizer(
                     directory, mirror, renderer.on_event, policy, want_sha256=json_output
                 )
             else:
                 results = download.fetch_gpt2(
-                    size.value, directory, mirror, renderer.on_event, policy, want_sha256=json_output
+                    size, directory, mirror, renderer.on_event, policy, want_sha256=json_output
                 )
     except KeyboardInterrupt:
         raise GptcliError(
@@ -109,7 +97,7 @@ def command(
 
     converted = None
     if convert:
-        from gptcli.commands.convert import run_conversion
+        from gptcli.commands._common import run_conversion
 
         model_dir = results[0].path.parent
         converted = run_conversion(model_dir, model_dir / "model.safetensors", "openai", "gptcli", True).output

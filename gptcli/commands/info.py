@@ -54,6 +54,8 @@ def _print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from gptcli.ui import byte_size
+
     out = Console(highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
@@ -63,7 +65,7 @@ def _print_report(report: dict[str, Any]) -> None:
     counts = report["parameters"]
     table.add_row("parameters", f"{counts['total']:,} (untied head: {counts['untied']:,}; tied: {counts['tied']:,})")
     table.add_row("dtype", ", ".join(report["dtype"]))
-    table.add_row("size", f"{report['file_bytes'] / 1e6:,.1f} MB in {len(report['files'])} file(s)")
+    table.add_row("size", f"{byte_size(report['file_bytes'])} in {len(report['files'])} file(s)")
     origin = dict(report["origin"])
     evaluations = origin.pop("last_evaluations", None)
     for key, value in origin.items():

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from gptcli.choices import DecodeErrors, SplitMode
+
 if TYPE_CHECKING:
     from gptcli.prepare import PrepareFinished
 
@@ -26,7 +28,7 @@ def command(
     out: Path = typer.Option(..., "--out", "-o", show_default=False,
                              help="Directory for train.bin, val.bin and meta.json."),
     val_ratio: float = typer.Option(0.1, "--val-ratio", help="Share of the data for validation (val.bin)."),
-    split_by: str = typer.Option(
+    split_by: SplitMode = typer.Option(
         "auto", "--split-by",
         help="document: whole documents go to val.bin; position: the last --val-ratio of the tokens (as "
         "the chapter splits its one text); auto: by document when there are at least 1/val-ratio documents.",
@@ -35,7 +37,7 @@ def command(
     workers: int | None = typer.Option(
         None, "--workers", show_default=False, help="Tokenizer threads (default: all cores).",
     ),
-    errors: str = typer.Option(
+    errors: DecodeErrors = typer.Option(
         "strict", "--errors",
         help="strict: stop at text that is not UTF-8, naming the file; replace: read it with U+FFFD instead.",
     ),
@@ -135,6 +137,8 @@ def _print_summary(finished: PrepareFinished) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from gptcli.ui import byte_size
+
     meta = finished.meta
     table = Table(header_style="bold", title=f"{finished.out_dir} (split by {meta['split']['by']})",
                   title_justify="left")
@@ -145,22 +149,14 @@ def _print_summary(finished: PrepareFinished) -> None:
         documents = "-" if info["documents"] is None else f"{info['documents']:,}"
         size = info["tokens"] * (2 if meta["dtype"] == "uint16" else 4)
         table.add_row(info["file"], documents, f"{info['tokens']:,}", f"{info['tokens'] / meta['tokens']:.1%}",
-                      _size(size))
-    table.add_row("total", f"{meta['documents']:,}", f"{meta['tokens']:,}", "", _size(meta["bytes"]) + " text",
+                      byte_size(size))
+    table.add_row("total", f"{meta['documents']:,}", f"{meta['tokens']:,}", "", byte_size(meta["bytes"]) + " text",
                   style="bold")
     seconds = max(finished.seconds, 1e-9)
     width = None if sys.stdout.isatty() else max(80, len(str(finished.out_dir)) + 40)
     stdout = Console(file=sys.stdout, width=width, highlight=False)
     stdout.print(table)
     stdout.print(
-        f"{len(meta['sources']):,} source(s), {_size(finished.bytes_read)} in {seconds:.1f} s: "
-        f"{_size(finished.bytes_read / seconds)}/s, {finished.tokens / seconds:,.0f} tokens/s"
+        f"{len(meta['sources']):,} source(s), {byte_size(finished.bytes_read)} in {seconds:.1f} s: "
+        f"{byte_size(finished.bytes_read / seconds)}/s, {finished.tokens / seconds:,.0f} tokens/s"
     )
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

@@ -6,7 +6,6 @@ Exit code 3: the loss diverged; nothing was saved."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -19,6 +18,9 @@ from typing import Any
 import typer
 
 from gptcli.config import PRESETS
+from gptcli.settings import DEFAULT_PRESET, DEFAULTS, Device, DropoutRng, Precision, Sampling, Schedule
+
+D = DEFAULTS  # every default below is the settings' own
 
 MODEL = "Model shape"
 DATA = "Data"
@@ -63,67 +65,76 @@ def command(
         "the-verdict.txt, downloaded once into gptcli's cache.", show_default=False,
     ),
     preset: str = typer.Option(
-        "124M", help=f"Model shape preset: {', '.join(PRESETS)} (aliases gpt2, gpt2-small, gpt2-medium, "
+        DEFAULT_PRESET, help=f"Model shape preset: {', '.join(PRESETS)} (aliases gpt2, gpt2-small, gpt2-medium, "
         "gpt2-large, gpt2-xl).", rich_help_panel=MODEL,
     ),
     context_length: int = typer.Option(
-        256, help="Tokens per training window (the chapter's 256; GPT-2 was trained with 1024).",
+        D.config.context_length, help="Tokens per training window (the chapter's 256; GPT-2 was trained with 1024).",
         rich_help_panel=MODEL,
     ),
     emb_dim: int | None = typer.Option(None, help="Embedding width (default: preset's)", rich_help_panel=MODEL),
     n_heads: int | None = typer.Option(None, help="Attention heads (default: preset's)", rich_help_panel=MODEL),
     n_layers: int | None = typer.Option(None, help="Transformer blocks (default: preset's)", rich_help_panel=MODEL),
-    drop_rate: float = typer.Option(0.1, help="Dropout rate.", rich_help_panel=MODEL),
-    qkv_bias: bool = typer.Option(False, help="Bias in the query/key/value projections.", rich_help_panel=MODEL),
-    vocab_size: int = typer.Option(50257, help="Vocabulary size (GPT-2 BPE: 50257).", rich_help_panel=MODEL),
+    drop_rate: float = typer.Option(D.config.drop_rate, help="Dropout rate.", rich_help_panel=MODEL),
+    qkv_bias: bool = typer.Option(
+        D.config.qkv_bias, help="Bias in the query/key/value projections.", rich_help_panel=MODEL,
+    ),
+    vocab_size: int = typer.Option(
+        D.config.vocab_size, help="Vocabulary size (GPT-2 BPE: 50257).", rich_help_panel=MODEL,
+    ),
     tie_weights: bool = typer.Option(
-        False, help="Share the output head with the token embedding (GPT-2 does; the chapter does not).",
+        D.config.tie_weights, help="Share the output head with the token embedding (GPT-2 does; the chapter does not).",
         rich_help_panel=MODEL,
     ),
     init: Path | None = typer.Option(
         None, help="Start from saved weights (.safetensors from a run or `gptcli convert`, or a run "
         "directory); the model shape comes from them.", rich_help_panel=MODEL,
     ),
-    train_ratio: float = typer.Option(0.9, help="Share of the text (by characters) used for training.",
+    train_ratio: float = typer.Option(D.train_ratio, help="Share of the text (by characters) used for training.",
                                       rich_help_panel=DATA),
-    stride: int | None = typer.Option(None, help="Step between windows (default: context length).",
+    stride: int | None = typer.Option(D.stride, help="Step between windows (default: context length).",
                                       rich_help_panel=DATA),
-    sampling: str = typer.Option(
-        "epochs", help="epochs: shuffled passes over all windows (the chapter's); random: every step draws "
+    sampling: Sampling = typer.Option(
+        D.sampling, help="epochs: shuffled passes over all windows (the chapter's); random: every step draws "
         "windows at random token offsets (nanoGPT-style; with --max-steps, that alone sets the length).",
         rich_help_panel=DATA,
     ),
-    epochs: int = typer.Option(10, help="Passes over the training windows.", rich_help_panel=OPTIM),
+    epochs: int = typer.Option(D.epochs, help="Passes over the training windows.", rich_help_panel=OPTIM),
     batch_size: int = typer.Option(
-        2, help="Sequences per optimizer step (summed over processes and accumulation micro-batches).",
+        D.batch_size, help="Sequences per optimizer step (summed over processes and accumulation micro-batches).",
         rich_help_panel=OPTIM,
     ),
     micro_batch_size: int | None = typer.Option(
-        None, help="Sequences per forward/backward pass; smaller than the per-process batch means gradient "
-        "accumulation (default: the whole batch).", rich_help_panel=OPTIM,
+        D.micro_batch_size, rich_help_panel=OPTIM,
+        help="Sequences per forward/backward pass; smaller than the per-process batch means gradient "
+        "accumulation (default: the whole batch).",
     ),
-    lr: float = typer.Option(4e-4, help="Peak learning rate (AdamW).", rich_help_panel=OPTIM),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay.", rich_help_panel=OPTIM),
-    schedule: str = typer.Option("constant", help="Learning-rate schedule after warmup: constant or cosine.",
+    lr: float = typer.Option(D.lr, help="Peak learning rate (AdamW).", rich_help_panel=OPTIM),
+    weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay.", rich_help_panel=OPTIM),
+    schedule: Schedule = typer.Option(D.schedule, help="Learning-rate schedule after warmup.",
                                  rich_help_panel=OPTIM),
-    warmup_steps: int = typer.Option(0, help="Linear warmup steps (lr/warmup up to --lr).", rich_help_panel=OPTIM),
-    min_lr: float = typer.Option(0.0, help="Final learning rate of the cosine decay.", rich_help_panel=OPTIM),
-    grad_clip: float | None = typer.Option(None, help="Clip the gradient norm to this value (default: off).",
+    warmup_steps: int = typer.Option(
+        D.warmup_steps, help="Linear warmup steps (lr/warmup up to --lr).", rich_help_panel=OPTIM,
+    ),
+    min_lr: float = typer.Option(D.min_lr, help="Final learning rate of the cosine decay.", rich_help_panel=OPTIM),
+    grad_clip: float | None = typer.Option(D.grad_clip, help="Clip the gradient norm to this value (default: off).",
                                            rich_help_panel=OPTIM),
-    max_steps: int | None = typer.Option(None, help="Stop after this many optimizer steps.", rich_help_panel=OPTIM),
-    seed: int = typer.Option(123, help="Random seed (initialisation, shuffling, dropout).", rich_help_panel=OPTIM),
-    eval_freq: int = typer.Option(5, help="Evaluate every this many steps.", rich_help_panel=LOOP),
-    eval_iter: int = typer.Option(5, help="Batches per evaluation (train and val).", rich_help_panel=LOOP),
-    sample_prompt: str = typer.Option("Every effort moves you", help="Prompt of the sample after each epoch.",
+    max_steps: int | None = typer.Option(
+        D.max_steps, help="Stop after this many optimizer steps.", rich_help_panel=OPTIM,
+    ),
+    seed: int = typer.Option(D.seed, help="Random seed (initialisation, shuffling, dropout).", rich_help_panel=OPTIM),
+    eval_freq: int = typer.Option(D.eval_freq, help="Evaluate every this many steps.", rich_help_panel=LOOP),
+    eval_iter: int = typer.Option(D.eval_iter, help="Batches per evaluation (train and val).", rich_help_panel=LOOP),
+    sample_prompt: str = typer.Option(D.sample_prompt, help="Prompt of the sample after each epoch.",
                                       rich_help_panel=LOOP),
-    sample_tokens: int = typer.Option(50, help="Tokens in each epoch's greedy sample (0: none).",
+    sample_tokens: int = typer.Option(D.sample_tokens, help="Tokens in each epoch's greedy sample (0: none).",
                                       rich_help_panel=LOOP),
     save_every: int | None = typer.Option(
-        None, help="Also checkpoint every this many steps (default: after each epoch and at the end).",
+        D.save_every, help="Also checkpoint every this many steps (default: after each epoch and at the end).",
         rich_help_panel=LOOP,
     ),
     keep_checkpoints: int = typer.Option(
-        1, help="Checkpoints kept in RUN/checkpoints (the newest ones; each is committed atomically).",
+        D.keep_checkpoints, help="Checkpoints kept in RUN/checkpoints (the newest ones; each is committed atomically).",
         rich_help_panel=LOOP,
     ),
     out: Path | None = typer.Option(None, help="Run directory (default: runs/<time>-<corpus>).",
@@ -133,13 +144,13 @@ def command(
         "the run's other options may be repeated unchanged).",
         rich_help_panel=LOOP,
     ),
-    plots: bool = typer.Option(True, help="Write loss.png and perplexity.png.", rich_help_panel=LOOP),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps.",
+    plots: bool = typer.Option(D.plots, help="Write loss.png and perplexity.png.", rich_help_panel=LOOP),
+    device: Device = typer.Option(D.device, help="auto: cuda, then mps, then cpu.",
                                rich_help_panel=RUNTIME),
-    precision: str = typer.Option("fp32", help="fp32, or bf16 autocast.", rich_help_panel=RUNTIME),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the model.", rich_help_panel=RUNTIME),
-    dropout_rng: str = typer.Option(
-        "exact", help="exact: dropout masks are torch's own (nn.Dropout's, so a seeded run reproduces the "
+    precision: Precision = typer.Option(D.precision, help="fp32, or bf16 autocast.", rich_help_panel=RUNTIME),
+    compile: bool = typer.Option(D.compile, "--compile", help="torch.compile the model.", rich_help_panel=RUNTIME),
+    dropout_rng: DropoutRng = typer.Option(
+        D.dropout_rng, help="exact: dropout masks are torch's own (nn.Dropout's, so a seeded run reproduces the "
         "chapter's numbers); fast: cheaper masks from another random stream (about 2x faster to draw, a few "
         "percent of a CPU training step; the same rate, other numbers than the book's). GPTCLI_KERNELS=0 "
         "turns gptcli's kernels off and uses torch's dropout.", rich_help_panel=RUNTIME,
@@ -183,15 +194,13 @@ def _resumed(ctx: typer.Context, resume: Path) -> Any:
     """The run's stored settings, with the options given again checked against them."""
     from gptcli.config import get_preset
     from gptcli.errors import UsageError
-    from gptcli.train import RUN_FILE, TrainSettings, resolve_init_path, resumed_settings
+    from gptcli.settings import TrainSettings, resumed_settings
+    from gptcli.train import resolve_init_path
 
-    run_file = resume / RUN_FILE
-    if not run_file.is_file():
-        raise UsageError(f"--resume {resume}: no {RUN_FILE} there (not a gptcli run directory)")
     try:
-        settings = TrainSettings.from_dict(json.loads(run_file.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UsageError(f"{run_file} is damaged ({type(exc).__name__}: {exc}); it cannot be resumed") from None
+        settings = TrainSettings.from_file(resume)
+    except UsageError as exc:
+        raise UsageError(f"--resume {exc.message}; it cannot be resumed") from None
     given = {name: value for name, value in ctx.params.items()
              if name not in RUNTIME_OPTIONS | {"preset"} and _given(ctx, name)}
     if _given(ctx, "preset"):  # the preset stands for the shape fields not given one by one
@@ -214,7 +223,8 @@ def _new_settings(ctx: typer.Context) -> Any:
     """The settings of a new run from the command line, validated before anything is written."""
     from gptcli.config import get_preset
     from gptcli.errors import UsageError
-    from gptcli.train import TrainSettings, resolve_init_config, resolve_init_path
+    from gptcli.settings import TrainSettings
+    from gptcli.train import resolve_init_config, resolve_init_path
 
     params = ctx.params
     overrides: dict[str, Any] = {name: params[name] for name in MODEL_OPTIONS}

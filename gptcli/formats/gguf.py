@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gptcli.choices import GGUF_TYPES
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError, UsageError
+from gptcli.tokenizer import EOT_ID
 
 if TYPE_CHECKING:
     from gptcli.convert import Plan
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
 ARCH = "gpt2"
 CONFIG_KEY = "gptcli.config"
 SOURCE_KEY = "gptcli.converted_from"
 GPT2_VOCAB = 50257
-EOT_ID = 50256
 LAYER_NORM_EPS = 1e-5
 
 
