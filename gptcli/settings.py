@@ -24,13 +24,13 @@ DEFAULT_PRESET = "124M"
 DEFAULT_CONTEXT_LENGTH = 256  # the chapter's (GPT-2 was trained with 1024)
 
 Schedule = Literal["constant", "cosine"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]
 Sampling = Literal["epochs", "random"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DropoutRng = Literal["exact", "fast"]
 
 # Settings that may change when a run is resumed; every other one is the run's for good.
-RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "device", "plots")
+RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "device", "plots", "strict_precision")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class TrainSettings:
     sample_tokens: int = 50
     device: Device = "auto"
     precision: Precision = "fp32"
+    strict_precision: bool = False
     compile: bool = False
     max_steps: int | None = None
     save_every: int | None = None

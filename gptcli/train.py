@@ -53,7 +53,7 @@ from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.paths import RUNS_DIR
 from gptcli.rundir import TRAINER_FILE, TRAINER_JSON
-from gptcli.runtime import resolve_device
+from gptcli.runtime import resolve_device, resolve_precision
 from gptcli.settings import RUN_FILE, TrainSettings
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class RunStarted:
     start_step: int
     world_size: int
     settings: TrainSettings
+    precision: str  # what runs: --precision auto resolved, or bf16 fallen back to fp32
 
 
 @dataclass
@@ -248,6 +249,7 @@ class Position:
     epoch_seed: int | None = None
     tokens_seen: int = 0
     best_val_loss: float | None = None
+    precision: str | None = None  # what ran (--precision auto, or bf16 fallen back to fp32), for the record
 
 
 def checkpoint_writers(
@@ -618,7 +620,9 @@ class Trainer:
     run needs is checked before its directory is touched (in `__init__`)."""
 
     def __init__(self, settings: TrainSettings, dist: Distributed, device: str) -> None:
-        if settings.precision == "bf16" and device.startswith("mps"):
+        self.precision, self.precision_note = resolve_precision(
+            settings.precision, device.split(":")[0], settings.strict_precision, option="--precision")
+        if self.precision == "bf16" and device.startswith("mps"):
             raise UsageError("--precision bf16 is not supported on mps")
         run_dir = Path(settings.out) if settings.out else default_run_dir(settings.corpus)
         rundir.check_out_path(run_dir)
@@ -666,7 +670,10 @@ class Trainer:
         self.eager_model = self.train_model = self._wrap_ddp(self.model)
         if settings.compile:
             self.train_model = torch.compile(self.train_model)
+        self.position.precision = self.precision
         yield self._started()
+        if self.precision_note:
+            yield Notice(self.precision_note)
 
     def _wrap_ddp(self, model: GPT) -> Any:
         if self.dist.world_size == 1:
@@ -685,6 +692,7 @@ class Trainer:
             val_tokens=len(data.val_loader.dataset) * config.context_length,
             steps_per_epoch=data.steps_per_epoch, total_steps=data.total_steps,
             start_step=self.position.steps_done, world_size=self.dist.world_size, settings=self.settings,
+            precision=self.precision,
         )
 
     def fit(self, stop_requested: Callable[[], bool]) -> Iterator[Event]:
@@ -785,7 +793,7 @@ class Trainer:
             return batch_loss(self.train_model, inputs, targets) / self.data.accumulation
 
     def _autocast(self) -> Any:
-        if self.settings.precision == "bf16":
+        if self.precision == "bf16":
             import torch
 
             return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)

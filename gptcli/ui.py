@@ -84,8 +84,9 @@ class TrainView:
             f"[bold]gptcli train[/] {s.corpus} → {event.out_dir}  ({event.device}"
             f"{f' × {event.world_size}' if event.world_size > 1 else ''}{resumed})\n"
             f"model: {human(event.parameters)} parameters, {c.n_layers} layers, {c.n_heads} heads, "
-            f"emb {c.emb_dim}, context {c.context_length} · data: {event.train_tokens:,} training and "
-            f"{event.val_tokens:,} validation tokens, {event.steps_per_epoch} steps/epoch"
+            f"emb {c.emb_dim}, context {c.context_length}, {event.precision} · data: "
+            f"{event.train_tokens:,} training and {event.val_tokens:,} validation tokens, "
+            f"{event.steps_per_epoch} steps/epoch"
         )
         self.task = self.progress.add_task(
             "train", total=event.total_steps, completed=event.start_step,

@@ -147,7 +147,15 @@ def command(
     plots: bool = typer.Option(D.plots, help="Write loss.png and perplexity.png.", rich_help_panel=LOOP),
     device: Device = typer.Option(D.device, help="auto: cuda, then mps, then cpu.",
                                rich_help_panel=RUNTIME),
-    precision: Precision = typer.Option(D.precision, help="fp32, or bf16 autocast.", rich_help_panel=RUNTIME),
+    precision: Precision = typer.Option(
+        D.precision, rich_help_panel=RUNTIME,
+        help="fp32 (the chapter's, exact); bf16 autocast; auto: bf16 on CUDA with bf16 and on CPUs with native bf16 "
+        "(AVX512_BF16, AMX), else fp32. bf16 where it is not native runs fp32 with a note (it would be slower).",
+    ),
+    strict_precision: bool = typer.Option(
+        D.strict_precision, "--strict-precision", rich_help_panel=RUNTIME,
+        help="Refuse (exit 2) instead of running fp32 when bf16 is not native here.",
+    ),
     compile: bool = typer.Option(D.compile, "--compile", help="torch.compile the model.", rich_help_panel=RUNTIME),
     dropout_rng: DropoutRng = typer.Option(
         D.dropout_rng, help="exact: dropout masks are torch's own (nn.Dropout's, so a seeded run reproduces the "
