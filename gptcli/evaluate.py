@@ -3,7 +3,6 @@ eval`'s scoring of texts with sliding windows and of a run's own train/val split
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from gptcli.model import GPT
+    from gptcli.settings import TrainSettings
 
 
 def batch_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -268,23 +268,14 @@ def check_model_vocab(model: GPT, tokens: Sequence[int] | np.ndarray, source: st
     check_token_ids(np.asarray(tokens), model.config.vocab_size, source, "the model's vocabulary")
 
 
-RUN_FILE = "run.json"
+def read_run_settings(run_dir: str | Path) -> TrainSettings:
+    """A run's training settings (`run.json`, read as `train --resume` reads it), with one clear line
+    when the directory or its settings are missing or damaged."""
+    from gptcli.settings import TrainSettings
 
-
-def read_run_settings(run_dir: str | Path) -> dict[str, Any]:
-    """A run's training settings (`run.json`), with a clear error when they are missing or broken."""
-    path = Path(run_dir) / RUN_FILE
     if not Path(run_dir).is_dir():
         raise GptcliError(f"run directory not found: {run_dir}")
-    if not path.is_file():
-        raise GptcliError(f"{run_dir} has no {RUN_FILE}; is it a directory made by `gptcli train`?")
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GptcliError(f"cannot read {path}: {exc}") from None
-    if not isinstance(settings, dict) or not settings.get("corpus"):
-        raise GptcliError(f"{path} does not name the run's corpus")
-    return settings
+    return TrainSettings.from_file(run_dir)
 
 
 def evaluate_run_splits(
@@ -300,23 +291,22 @@ def evaluate_run_splits(
     from gptcli.data import BatchLoader, WindowDataset, load_splits
 
     settings = read_run_settings(run_dir)
-    corpus = Path(settings["corpus"])
+    corpus = Path(settings.corpus)
     if not corpus.exists():
         raise GptcliError(
             f"the run's corpus {corpus} was not found (run.json records it as given to `gptcli train`; "
             "run eval from the same directory)"
         )
     context_length = model.config.context_length
-    stride = settings.get("stride") or context_length
-    batch_size = settings.get("batch_size") or 2
-    splits = load_splits(corpus, tokenizer, settings.get("train_ratio", 0.9))
+    stride = settings.stride or context_length
+    splits = load_splits(corpus, tokenizer, settings.train_ratio)
     results = []
     for name, tokens in (("train", splits.train), ("val", splits.val)):
         if max_tokens is not None:
             tokens = tokens[:max_tokens]
         check_model_vocab(model, tokens, f"the run's {name} split")
         dataset = WindowDataset(tokens, context_length, stride)
-        loader = BatchLoader(dataset, batch_size, shuffle=False, drop_last=False)
+        loader = BatchLoader(dataset, settings.batch_size, shuffle=False, drop_last=False)
         if len(loader) == 0:
             raise UsageError(
                 f"the run's {name} split has {len(tokens)} tokens, too few for one window of {context_length}"

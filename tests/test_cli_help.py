@@ -44,7 +44,7 @@ def test_help_shows_metavars_and_loads_nothing_heavy(command):
 
 def test_choices_are_listed():
     train = json.loads(help_text("train"))["help"]
-    for choices in ("[constant|cosine]", "[fp32|bf16]", "[epochs|random]", "[auto|cpu|cuda|mps]", "[exact|fast]"):
+    for choices in ("[constant|cosine]", "[auto|fp32|bf16]", "[epochs|random]", "[auto|cpu|cuda|mps]", "[exact|fast]"):
         assert choices in train
     assert "--lr FLOAT" in train and "--epochs INTEGER" in train and "--out PATH" in train
     assert "[auto|document|position]" in json.loads(help_text("prepare"))["help"]

@@ -25,6 +25,7 @@ from gptcli.evaluate import (
     token_windows,
 )
 from gptcli.model import GPT
+from gptcli.settings import TrainSettings
 from tests.conftest import VERDICT
 
 runner = CliRunner()
@@ -151,14 +152,13 @@ def test_bad_sources(model_file: Path, tmp_path: Path) -> None:
     missing = invoke(str(tmp_path / "nope.txt"), "-m", str(model_file))
     assert missing.exit_code == 1 and "not found" in missing.stderr
     no_run = invoke("--run", str(tmp_path))
-    assert no_run.exit_code == 1 and "run.json" in no_run.stderr
+    assert no_run.exit_code == 2 and "no run.json there" in no_run.stderr
 
 
 def test_run_split_loss_equals_training_loss(tmp_path: Path, tokenizer) -> None:
     """Train a tiny model a few steps, record val loss the way training does, and check `eval --run`."""
     config = get_preset("tiny").replace(context_length=32)
-    settings = {"corpus": str(VERDICT), "train_ratio": 0.9, "stride": None, "batch_size": 2, "eval_iter": 20,
-                "config": config.to_dict()}
+    settings = TrainSettings(corpus=str(VERDICT), config=config, eval_iter=20).to_dict()
     splits = load_splits(VERDICT, tokenizer, settings["train_ratio"])
     train = BatchLoader(WindowDataset(splits.train, 32, 32), 2, shuffle=True, drop_last=True)
     val = BatchLoader(WindowDataset(splits.val, 32, 32), 2, shuffle=False, drop_last=False)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
+from gptcli.settings import Device
 
 if TYPE_CHECKING:
     import numpy as np
@@ -56,7 +57,7 @@ def command(
         help="One JSON object per source (source, tokens, loss, perplexity, dtype) instead of a table; with "
         "--per-token also per_token, a list of {position, token_id, token, prob, loss}.",
     ),
-    device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
+    device: Device = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto: cuda, then mps, then cpu."),
     dtype: str = typer.Option(
         "fp32", "--dtype", rich_help_panel=RUNTIME,
         help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "

@@ -16,6 +16,7 @@ from gptcli.commands._common import load_for_inference, read_stdin, stdin_is_pip
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 from gptcli.generate import DEFAULT_BATCH_SIZE
 from gptcli.logprobs import MAX_TOP_LOGPROBS
+from gptcli.settings import DEFAULT_PROMPT, Device
 
 if TYPE_CHECKING:
     import tiktoken
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from gptcli.generate import DecodeSettings, Generation
     from gptcli.model import GPT
 
-DEFAULT_PROMPT = "Every effort moves you"
 MAX_SEED = 2**63 - 1
 MAX_LENGTH_PENALTY = 10.0  # length ** penalty must stay a finite, non-zero float for any length
 DECODING = "Decoding"
@@ -322,7 +322,7 @@ def command(
     verbose: bool = typer.Option(
         False, "--verbose", "-v", rich_help_panel=OUTPUT, help="Timing and tokens/s per sample on stderr.",
     ),
-    device: str = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto, cpu, cuda or mps."),
+    device: Device = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto: cuda, then mps, then cpu."),
     dtype: str = typer.Option(
         "fp32", "--dtype", rich_help_panel=RUNTIME,
         help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
