@@ -31,6 +31,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check gptcli tests benchmarks examples
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest
