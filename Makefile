@@ -1,5 +1,5 @@
 # The two newcomer commands: `make demo` (set up, then pretrain on the chapter's corpus) and
-# `make test` (set up, then lint and run the test suite). Both create .venv on first use.
+# `make test` (set up, then lint: ruff and mypy, and run the test suite). Both create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -31,6 +31,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check gptcli tests benchmarks examples
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest

@@ -382,6 +382,35 @@ class Target:
                 "at_most": self.at_most, "met": self.met}
 
 
+def generators(models: dict[str, Any], prompt: torch.Tensor, n: int) -> dict[str, Callable[[], list[int]]]:
+    """Greedy decoding of `n` tokens after `prompt` by each implementation in `models`, as calls that
+    return the new tokens: the chapter's loop, gptcli's `generate`, and Hugging Face's when loaded."""
+    from benchmarks.chapter import generate_text
+    from gptcli.generate import generate as gptcli_generate
+
+    def gptcli_fn(model) -> Callable[[], list[int]]:
+        return lambda: gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0]
+
+    def hf_fn(model) -> Callable[[], list[int]]:
+        def run() -> list[int]:
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+            return out[0, prompt.shape[1]:].tolist()
+        return run
+
+    def chapter_run() -> list[int]:
+        context = models["config"].context_length
+        return generate_text(models["chapter"], prompt, n, context)[0, prompt.shape[1]:].tolist()
+
+    fns = {"chapter": chapter_run, "gptcli": gptcli_fn(models["gptcli"])}
+    if "hf" in models:
+        fns["hf"] = hf_fn(models["hf"])
+    fns["gptcli bf16"] = gptcli_fn(models["gptcli bf16"])
+    if "hf bf16" in models:
+        fns["hf bf16"] = hf_fn(models["hf bf16"])
+    return fns
+
+
 class Suite:
     def __init__(self, plan: Plan, threads: int | None) -> None:
         self.plan = plan
@@ -515,42 +544,14 @@ class Suite:
         return models
 
     def generation(self, models: dict[str, Any]) -> None:
-        from benchmarks.chapter import generate_text
-        from gptcli.generate import generate as gptcli_generate
-
         config = models["config"]
         prompt = torch.tensor([PROMPT])
-
-        def gptcli_fn(model, n: int) -> Callable[[], list[int]]:
-            return lambda: gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0]
-
-        def hf_fn(model, n: int) -> Callable[[], list[int]]:
-            def run() -> list[int]:
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                     do_sample=False, use_cache=True, pad_token_id=0)
-                return out[0, prompt.shape[1]:].tolist()
-            return run
-
-        def chapter_fn(n: int) -> Callable[[], list[int]]:
-            def run() -> list[int]:
-                return generate_text(models["chapter"], prompt, n, config.context_length)[0, prompt.shape[1]:].tolist()
-            return run
-
-        def implementations(n: int) -> dict[str, Callable[[], list[int]]]:
-            fns = {"chapter": chapter_fn(n), "gptcli": gptcli_fn(models["gptcli"], n)}
-            if "hf" in models:
-                fns["hf"] = hf_fn(models["hf"], n)
-            fns["gptcli bf16"] = gptcli_fn(models["gptcli bf16"], n)
-            if "hf bf16" in models:
-                fns["hf bf16"] = hf_fn(models["hf bf16"], n)
-            return fns
-
-        for fn in implementations(4).values():  # warm-up: kernels, allocator, HF's generation set-up
+        for fn in generators(models, prompt, 4).values():  # warm-up: kernels, allocator, HF's generation set-up
             fn()
         read = self.peaks.get("read_gbps")
         for n in self.plan.gen_tokens:
             case = f"generate {n} tokens"
-            fns = implementations(n)
+            fns = generators(models, prompt, n)
             outputs: dict[str, list[int]] = {}
             reps = self.plan.gen_reps_long if n == max(self.plan.gen_tokens) else self.plan.gen_reps
             log(f"  {case}: {', '.join(fns)} ({reps} repetitions)")

@@ -26,7 +26,7 @@ MODEL_FILE = "model.safetensors"
 FORMAT = "gptcli"
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
 
     A crash or Ctrl-C part-way leaves the previous file untouched and no partial file behind.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup
 
 try:  # newer typer carries its own copy of click
     from typer._click import core as click_core
@@ -39,7 +39,10 @@ class _NumberError(click_errors.UsageError):
 def _option_name(param: click_core.Parameter) -> str:
     """How the user wrote the parameter: its long option (`--top-p`), or an argument's name."""
     longs = [opt for opt in param.opts if opt.startswith("--")]
-    return max(longs, key=len) if longs else (param.human_readable_name or str(param.name))
+    if longs:
+        return max(longs, key=len)
+    # (typer's click has no `human_readable_name`: an argument is named as its metavar shows it)
+    return str(param.name).upper() if param.param_type_name == "argument" else param.opts[0]
 
 
 def _check_number(param: click_core.Parameter, value: Any) -> None:
@@ -107,7 +110,7 @@ def _set_metavar(param: click_core.Parameter) -> None:
         inner = typer_label[1:-1]
         label = f"[{inner}]" if "|" in inner else _METAVARS.get(inner.removeprefix("list[").rstrip("]"), inner.upper())
     param.metavar = label
-    if param.param_type_name == "argument":
+    if isinstance(param, TyperArgument):
         param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]  # its name says it
 
 

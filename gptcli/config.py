@@ -59,7 +59,8 @@ class GPTConfig:
         for name, value in data.items():
             if not _has_type(value, str(known[name])):
                 raise UsageError(f"model config field {name} must be {_KINDS[str(known[name])]}, got {value!r}")
-        return cls(**{k: float(v) if known[k] == "float" else v for k, v in data.items()})
+        values: dict[str, Any] = {k: float(v) if known[k] == "float" else v for k, v in data.items()}
+        return cls(**values)
 
     @classmethod
     def from_json(cls, text: str) -> GPTConfig:

@@ -26,6 +26,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def _zero_shift_tables(length: int) -> list[list[int]]:
 def crc32c(data: bytes | memoryview | np.ndarray) -> int:
     """CRC-32C of `data`. Large inputs are split into lanes that numpy advances in parallel and the
     lane results are chained together, which keeps this fast enough for a 500 MB checkpoint."""
-    buf = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    view = data.data if isinstance(data, np.ndarray) else memoryview(data)  # .data: the array's buffer
+    buf = np.frombuffer(view.cast("B"), dtype=np.uint8)
     n = buf.size
     register = 0xFFFFFFFF
     lanes = min(1 << 16, n // 256)
@@ -140,6 +142,7 @@ def _proto_fields(buf: bytes, where: str) -> dict[int, list[Any]]:
     while pos < len(buf):
         key, pos = _varint(buf, pos, where)
         number, wire = key >> 3, key & 7
+        value: int | bytes
         if wire == 0:
             value, pos = _varint(buf, pos, where)
         elif wire == 1:
@@ -742,7 +745,7 @@ def write_safetensors_stream(
             array = np.ascontiguousarray(tensor.load(), dtype="<f4")
             if tuple(array.shape) != tuple(tensor.shape):
                 raise GptcliError(f"{tensor.name}: read shape {list(array.shape)}, expected {list(tensor.shape)}")
-            handle.write(memoryview(array).cast("B"))
+            handle.write(array.data.cast("B"))
             del array
             if on_tensor:
                 on_tensor(done + 1, len(tensors), tensor.name)
@@ -796,7 +799,7 @@ def _hf_tensors(plan: Plan) -> tuple[list[TensorPlan], dict[str, str]]:
         if ours not in by_name:
             # A model without qkv bias is exactly a GPT-2 whose c_attn bias is zero.
             size = 3 * config.emb_dim
-            tensor = TensorPlan(hf_name, (size,), lambda size=size: np.zeros(size, dtype=np.float32))
+            tensor = TensorPlan(hf_name, (size,), partial(np.zeros, size, dtype=np.float32))
         else:
             source = by_name[ours]
 

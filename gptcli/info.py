@@ -188,16 +188,17 @@ def book_info(source: Path, n_heads: int | None) -> dict[str, Any]:
 
 
 def gguf_info(source: Path) -> dict[str, Any]:
-    from gptcli.formats.gguf import gguf_config, read_gguf
+    from gptcli.formats.gguf import FILE_TYPES, gguf_config, read_gguf
 
     metadata, tensors = read_gguf(source)
     config = gguf_config(source, metadata)
     dtypes = sorted({t.tensor_type.name for t in tensors})
+    type_names = {code: name for name, code in FILE_TYPES.items()}
     origin = {
         "converted_from": metadata.get("gptcli.converted_from"),
         "name": metadata.get("general.name"),
         "architecture": metadata.get("general.architecture"),
-        "gguf_type": {0: "f32", 1: "f16", 7: "q8_0"}.get(metadata.get("general.file_type"), "other"),
+        "gguf_type": type_names.get(metadata.get("general.file_type", -1), "other"),
         "tokenizer": metadata.get("tokenizer.ggml.model"),
     }
     return _report(source, "gguf", config, [source], dtypes, origin)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -18,8 +18,8 @@ def adamw(
 
     Private torch API: `torch.optim.optimizer._get_fused_kernels_supported_devices` (without it,
     fused on CUDA only)."""
-    params = list(params)
-    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    groups: list[torch.Tensor | dict] = list(params)  # read once: `params` may be a generator
+    tensors = [p for group in groups for p in (group["params"] if isinstance(group, dict) else [group])]
     try:
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
@@ -31,4 +31,6 @@ def adamw(
     fused = bool(tensors) and all(t.device.type in supported and t.is_floating_point() for t in tensors)
     if fused and "foreach" not in kwargs and "fused" not in kwargs:
         kwargs["fused"] = True
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+    # `groups` holds one kind only, as `params` did: the element union above lost that, torch's type needs it.
+    same_kind = cast("list[torch.Tensor] | list[dict]", groups)
+    return torch.optim.AdamW(same_kind, lr=lr, weight_decay=weight_decay, **kwargs)

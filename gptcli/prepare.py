@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,14 +144,7 @@ def collect_sources(inputs: Sequence[str | Path], glob: str = "*.txt", exclude: 
             continue
         path = Path(item)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob(glob)
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and (excluded is None or excluded not in p.resolve().parents)
-            )
-            if not found:
-                raise GptcliError(f"no files matching {glob!r} under {path} (change --glob)")
-            for p in found:
+            for p in _files_under(path, glob, excluded):
                 add(p)
         elif path.is_file():
             add(path)
@@ -160,6 +153,18 @@ def collect_sources(inputs: Sequence[str | Path], glob: str = "*.txt", exclude: 
         else:
             raise GptcliError(f"input not found: {path}")
     return sources
+
+
+def _files_under(directory: Path, glob: str, excluded: Path | None) -> list[Path]:
+    """The files under `directory` matching `glob`, sorted, leaving out hidden ones and `excluded`."""
+    found = sorted(
+        p for p in directory.rglob(glob)
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        and (excluded is None or excluded not in p.resolve().parents)
+    )
+    if not found:
+        raise GptcliError(f"no files matching {glob!r} under {directory} (change --glob)")
+    return found
 
 
 # --- chunking -----------------------------------------------------------------------------------
@@ -278,7 +283,7 @@ class _TokenFile:
                 self.file.write(self.eot.tobytes())
                 self.tokens += 1
             self.documents += 1
-        self.file.write(memoryview(tokens))
+        self.file.write(tokens.data)  # the array's buffer, no copy
         self.tokens += len(tokens)
 
     def close(self) -> None:
@@ -341,7 +346,7 @@ def prepare(
     tokenizer: tiktoken.Encoding | None = None,
     dtype: str = "uint16",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> Iterator[PrepareEvent]:
+) -> Generator[PrepareEvent, None, None]:
     """Tokenize `inputs` into `out_dir`/train.bin, val.bin and meta.json, yielding progress events.
 
     The validation split takes `val_ratio` of the data: by document (a document goes to val.bin

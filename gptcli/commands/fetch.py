@@ -21,6 +21,7 @@ from gptcli.choices import GPT2_SIZES, FetchWhat, GPT2Size
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import TaskID
 
     from gptcli.download import FetchEvent
 
@@ -109,7 +110,7 @@ def command(
         f"{len(results) - fetched} already complete)"
     )
     if json_output:
-        report = {
+        report: dict[str, object] = {
             "files": [
                 {
                     "name": r.name,
@@ -149,7 +150,7 @@ class _Renderer:
             console=console,
             transient=False,
         )
-        self.tasks: dict[str, int] = {}
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> _Renderer:
         return self

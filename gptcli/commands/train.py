@@ -297,32 +297,39 @@ class _StopSignals:
         return EXIT_TERMINATED if self.requested == signal.SIGTERM else EXIT_INTERRUPTED
 
 
+def _show(view: Any, event: Any, json_output: bool) -> None:
+    """One training event on the progress view (and an evaluation as a JSON line on stdout with --json)."""
+    from gptcli import jsonio
+    from gptcli.train import Evaluation, Notice, RunStarted, Sample, StepDone
+
+    if isinstance(event, StepDone):
+        view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
+    elif isinstance(event, Evaluation):
+        view.evaluation(event)
+        if json_output:
+            typer.echo(jsonio.dumps(event.to_dict()))
+    elif isinstance(event, Notice):
+        view.message(f"[yellow]{event.text}")
+    elif isinstance(event, Sample):
+        view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
+    elif isinstance(event, RunStarted):
+        view.start(event)
+
+
 def _train(settings: Any, resume: bool, quiet: bool, json_output: bool, main_rank: bool) -> None:
-    from gptcli import jsonio, ui
+    from gptcli import ui
     from gptcli.errors import GptcliError
-    from gptcli.train import CheckpointSaved, Evaluation, Notice, RunFinished, RunStarted, Sample, StepDone, train
+    from gptcli.train import RunFinished, train
 
     view = ui.TrainView(quiet=quiet)
     finished: RunFinished | None = None
     with _StopSignals(announce=main_rank) as stop:
         try:
             for event in train(settings, resume=resume, stop_requested=lambda: stop.requested is not None):
-                if isinstance(event, StepDone):
-                    view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
-                elif isinstance(event, Evaluation):
-                    view.evaluation(event)
-                    if json_output:
-                        typer.echo(jsonio.dumps(event.to_dict()))
-                elif isinstance(event, Notice):
-                    view.message(f"[yellow]{event.text}")
-                elif isinstance(event, Sample):
-                    view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
-                elif isinstance(event, RunStarted):
-                    view.start(event)
-                elif isinstance(event, CheckpointSaved):
-                    pass
-                elif isinstance(event, RunFinished):
+                if isinstance(event, RunFinished):
                     finished = event
+                else:
+                    _show(view, event, json_output)
         except KeyboardInterrupt:
             raise GptcliError("aborted; the last committed checkpoint is kept", stop.exit_code()) from None
         finally:

@@ -189,8 +189,8 @@ def _optimizer_steps(state: Any) -> int | None:
     """AdamW's step count from an optimizer state dict (None when it has none)."""
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         return None
-    steps = [v.get("step") for v in state["state"].values() if isinstance(v, dict)]
-    steps = [int(s) for s in steps if s is not None]
+    found = [v.get("step") for v in state["state"].values() if isinstance(v, dict)]
+    steps = [int(s) for s in found if s is not None]
     return max(steps) if steps else None
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,11 +127,14 @@ def _encode(array: np.ndarray, qtype: Any) -> np.ndarray:
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
 
 
+# --gguf-type -> general.file_type, llama.cpp's LlamaFileType (ALL_F32, MOSTLY_F16, MOSTLY_Q8_0).
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+
+
 def _add_metadata(writer: Any, plan: Plan, gguf_type: str, name: str, bpe_dir: Path) -> None:
     import gguf
 
     config = plan.config
-    file_types = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LlamaFileType: ALL_F32, MOSTLY_F16/Q8_0
     writer.add_name(name)
     writer.add_block_count(config.n_layers)
     writer.add_context_length(config.context_length)
@@ -138,7 +142,7 @@ def _add_metadata(writer: Any, plan: Plan, gguf_type: str, name: str, bpe_dir: P
     writer.add_feed_forward_length(4 * config.emb_dim)
     writer.add_head_count(config.n_heads)
     writer.add_layer_norm_eps(LAYER_NORM_EPS)
-    writer.add_file_type(file_types[gguf_type])
+    writer.add_file_type(FILE_TYPES[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = gpt2_vocab(bpe_dir, config.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -156,13 +160,13 @@ def _add_metadata(writer: Any, plan: Plan, gguf_type: str, name: str, bpe_dir: P
 def _gguf_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(llama.cpp name, shape, loader) for every tensor, a zero qkv bias added when the model has none."""
     by_name = {t.name: t for t in plan.tensors}
-    out = []
+    out: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
     for ours, theirs in gguf_names(plan.config).items():
         if ours in by_name:
             out.append((theirs, tuple(by_name[ours].shape), by_name[ours].load))
         else:
             size = 3 * plan.config.emb_dim
-            out.append((theirs, (size,), lambda size=size: np.zeros(size, dtype=np.float32)))
+            out.append((theirs, (size,), partial(np.zeros, size, dtype=np.float32)))
     return out
 
 
