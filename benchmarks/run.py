@@ -931,7 +931,7 @@ def child_memory(name: str, size: int, steps: int, tiny: bool) -> None:
 # --- main -----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and cases (a few minutes)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, to check that the suite runs (seconds)")
@@ -943,24 +943,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.child_memory:
-        child_memory(args.child_memory, args.batch, args.steps, args.tiny)
-        return 0
+    return parser.parse_args(argv)
 
-    plan = make_plan(args)
-    only = {c.strip() for c in args.only.split(",") if c.strip()}
-    suite = Suite(plan, args.threads)
-    env = suite.environment()
-    log(f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs ({env['cpu']}, "
-        f"{env['capability']}), load average {env['load_average'][0] if env['load_average'] else 'n/a'}")
-    if env["load_average"] and env["load_average"][0] > 0.5 * (env["cpus"] or 1):
-        suite.notes.append(f"the machine was busy at the start (load average {env['load_average'][0]:.1f} on "
-                           f"{env['cpus']} CPUs): figures are noisy")
-    started = time.perf_counter()
-    suite.measure_peaks()
+
+def _run_cases(suite: Suite, only: set[str]) -> None:
+    """The chosen cases, in a fixed order (startup first, before anything warms the caches)."""
     if "startup" in only:
         suite.startup()
     if "train" in only:
@@ -979,8 +966,10 @@ def main(argv: list[str] | None = None) -> int:
         suite.dtypes()
     if "prepare" in only:
         suite.prepare()
-    elapsed = time.perf_counter() - started
 
+
+def _report(suite: Suite, env: dict[str, Any], plan: Plan, elapsed: float, json_path: Path | None) -> None:
+    """The table and the machine on stdout; with `json_path`, every figure there too."""
     print(suite.table())
     print()
     print(f"cpu flags: {' '.join(env['cpu_flags']) or 'n/a'}; native bf16: {'yes' if env['bf16_native'] else 'no'}; "
@@ -992,12 +981,35 @@ def main(argv: list[str] | None = None) -> int:
           f"run took {elapsed / 60:.1f} min")
     for note in suite.notes:
         print(f"note: {note}")
-    if args.json:
-        args.json.write_text(json.dumps({
+    if json_path:
+        json_path.write_text(json.dumps({
             "environment": env, "plan": {k: v for k, v in vars(plan).items() if k != "notes"},
             "peaks": suite.peaks, "results": [r.to_dict() for r in suite.rows],
             "targets": [t.to_dict() for t in suite.targets], "notes": suite.notes, "seconds": elapsed,
         }, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child_memory:
+        child_memory(args.child_memory, args.batch, args.steps, args.tiny)
+        return 0
+
+    plan = make_plan(args)
+    only = {c.strip() for c in args.only.split(",") if c.strip()}
+    suite = Suite(plan, args.threads)
+    env = suite.environment()
+    log(f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs ({env['cpu']}, "
+        f"{env['capability']}), load average {env['load_average'][0] if env['load_average'] else 'n/a'}")
+    if env["load_average"] and env["load_average"][0] > 0.5 * (env["cpus"] or 1):
+        suite.notes.append(f"the machine was busy at the start (load average {env['load_average'][0]:.1f} on "
+                           f"{env['cpus']} CPUs): figures are noisy")
+    started = time.perf_counter()
+    suite.measure_peaks()
+    _run_cases(suite, only)
+    _report(suite, env, plan, time.perf_counter() - started, args.json)
     return 0
 
 

@@ -235,6 +235,12 @@ def _check(model: GPT, prompts: Sequence[Sequence[int]], settings: DecodeSetting
             raise UsageError(f"prompt {number} has {len(prompt)} tokens; it needs 1 to the context length")
 
 
+def _row_generator(seeds: Sequence[int | None] | None, row: int, device: torch.device) -> torch.Generator | None:
+    """Row `row`'s own sampling generator, or None where it has no seed (the global one then)."""
+    seed = None if seeds is None else seeds[row]
+    return None if seed is None else make_generator(seed, device)
+
+
 def decode_batch(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -260,8 +266,7 @@ def decode_batch(
         return
     device = model.tok_emb.weight.device
     waiting = [
-        _Row(i, list(p), len(p), None if seeds is None or seeds[i] is None else make_generator(seeds[i], device),
-             logprobs=None if logprobs is None else [])
+        _Row(i, list(p), len(p), _row_generator(seeds, i, device), logprobs=None if logprobs is None else [])
         for i, p in enumerate(prompts)
     ]
     if not tokens:

@@ -263,6 +263,13 @@ def _normalised(logprob: float, length: int, length_penalty: float) -> float:
     return logprob / (max(length, 1) ** length_penalty)
 
 
+def _ranking_score(generation: Generation) -> float:
+    """The score a finished beam is ranked by (beam search sets one on every sequence it finishes)."""
+    if generation.score is None:
+        raise ValueError("a beam-search result without a score")
+    return generation.score
+
+
 def beam_search(
     model: GPT,
     prompt_ids: Sequence[int] | torch.Tensor,
@@ -324,7 +331,7 @@ def beam_search(
             ids = torch.cat((ids.index_select(0, rows), chosen), dim=1)
         scores = new_scores
         if len(finished) >= width:
-            kth_best = sorted((g.score for g in finished), reverse=True)[width - 1]
+            kth_best = sorted((_ranking_score(g) for g in finished), reverse=True)[width - 1]
             if _normalised(scores[0], length, penalty) <= kth_best:
                 reached_length = False
                 break
@@ -332,7 +339,7 @@ def beam_search(
         for row, total in enumerate(scores):
             new = ids[row, prompt_length:].tolist()
             finished.append(Generation(new, FINISH_LENGTH, total, _normalised(total, len(new), penalty)))
-    finished.sort(key=lambda g: g.score, reverse=True)
+    finished.sort(key=_ranking_score, reverse=True)
     return finished[:num_return]
 
 

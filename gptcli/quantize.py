@@ -33,6 +33,12 @@ class Int8Linear(nn.Module):
     `weight` is the int8 matrix (out, in), `scales` (out,) its float32 scales; `compute_dtype` is
     what the dequantizing path multiplies in."""
 
+    # Buffers (registered in __init__), declared for the type checker.
+    weight: torch.Tensor
+    scales: torch.Tensor
+    scales_bf16: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         weight = linear.weight.detach().float()

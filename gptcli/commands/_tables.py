@@ -46,7 +46,7 @@ def logprob_table(records: Sequence[TokenLogprob], text_of: Callable[[int], str]
     if k:
         table.add_column(f"top {k} (logprob)")
     for number, record in enumerate(records, start=1):
-        cells = [str(number), Text(shown(text_of(record.token))), _number(record.logprob),
+        cells: list[str | Text] = [str(number), Text(shown(text_of(record.token))), _number(record.logprob),
                  f"{math.exp(record.logprob):.4g}", _number(record.raw_logprob)]
         if k:
             cells.append(Text("  ".join(f"{shown(text_of(t))} {lp:.2f}" for t, lp in record.top)))

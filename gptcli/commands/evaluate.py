@@ -198,12 +198,12 @@ def _print_per_token(
     for result, ids, losses in scores:
         texts = [token_text(tokenizer, int(token)) for token in ids]
         if json_output:
-            rows = [
+            records = [
                 {"position": i + 1, "token_id": int(ids[i + 1]), "token": texts[i + 1],
                  "prob": math.exp(-float(loss)), "loss": float(loss)}
                 for i, loss in enumerate(losses.tolist())
             ]
-            record = {**result.to_dict(), "dtype": precision, "per_token": rows}
+            record = {**result.to_dict(), "dtype": precision, "per_token": records}
             sys.stdout.write(jsonio.dumps(record, ensure_ascii=False) + "\n")
             continue
         rows = [(i + 1, texts[i + 1], float(loss)) for i, loss in enumerate(losses.tolist())]

@@ -15,13 +15,16 @@ key/value cache, an attention mask, no autograd, off CPU) it falls back to
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gptcli.kernels.dispatch import DropoutRng, autocast_dtype, dropout_rng, register
 from gptcli.kernels.dropout import drop_mask
+
+if TYPE_CHECKING:
+    from gptcli.model import CausalSelfAttention
 
 try:
     _custom_fwd = torch.amp.custom_fwd(device_type="cpu")
@@ -65,7 +68,7 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
 
     @staticmethod
     @_custom_fwd
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,  # type: ignore[override]
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float,
                 rng: DropoutRng) -> torch.Tensor:
         scale = 1.0 / math.sqrt(q.shape[-1])
         weights = _attention_weights(q, k, scale)
@@ -77,7 +80,7 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
 
     @staticmethod
     @_custom_bwd
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         q, k, v, dropped = ctx.saved_tensors
         weights = _attention_weights(q, k, ctx.scale)
         grad_out = grad_out * ctx.drop_scale
@@ -109,7 +112,7 @@ def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 @register("attention")
-def attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def attention(module: CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor | None:
     """Training with dropout on CPU, no cache: `causal_attention_with_dropout`; otherwise None."""
     p = module.dropout if module.training else 0.0

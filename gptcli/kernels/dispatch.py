@@ -15,6 +15,8 @@ ENV_SWITCH = "GPTCLI_KERNELS"
 
 DropoutRng = Literal["exact", "fast"]
 DROPOUT_RNGS: tuple[DropoutRng, ...] = ("exact", "fast")
+_RNG_ATTRIBUTE = "dropout_rng"
+"""The plain attribute `set_dropout_rng` sets on every module of a model (any module class may carry it)."""
 
 Kernel = Callable[..., "torch.Tensor | None"]
 _kernels: dict[str, Kernel] = {}
@@ -67,12 +69,12 @@ def set_dropout_rng(model: torch.nn.Module, rng: DropoutRng) -> None:
     if rng not in DROPOUT_RNGS:
         raise ValueError(f"dropout rng must be one of {', '.join(DROPOUT_RNGS)}, got {rng!r}")
     for module in model.modules():
-        module.dropout_rng = rng
+        setattr(module, _RNG_ATTRIBUTE, rng)
 
 
 def dropout_rng(module: torch.nn.Module) -> DropoutRng:
     """The dropout random numbers chosen for `module` (by `set_dropout_rng`), "exact" by default."""
-    return getattr(module, "dropout_rng", "exact")
+    return getattr(module, _RNG_ATTRIBUTE, "exact")
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

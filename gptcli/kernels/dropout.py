@@ -42,14 +42,14 @@ class _Dropout(torch.autograd.Function):
     """Inverted dropout: x * keep / (1 - p), the same value torch's dropout computes."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, rng: DropoutRng) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, p: float, rng: DropoutRng) -> torch.Tensor:
         dropped = drop_mask(x.shape, p, x.device, rng)
         ctx.save_for_backward(dropped)
         ctx.scale = 1.0 / (1.0 - p)
         return x.masked_fill(dropped, 0.0).mul_(ctx.scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (dropped,) = ctx.saved_tensors
         return grad.masked_fill(dropped, 0.0).mul_(ctx.scale), None, None
 

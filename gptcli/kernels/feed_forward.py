@@ -7,18 +7,22 @@ outside float32 training with autograd, under autocast, and for a `fc` without b
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gptcli.kernels.dispatch import autocast_dtype, register
+
+if TYPE_CHECKING:
+    from gptcli.model import FeedForward
 
 
 class _FeedForward(torch.autograd.Function):
     """proj(gelu_tanh(fc(x))) on (rows, emb) inputs, keeping x and fc(x) for the backward pass."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
     ) -> torch.Tensor:
         hidden = torch.addmm(b1, x, w1.t())
@@ -27,7 +31,7 @@ class _FeedForward(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         x, w1, w2, hidden = ctx.saved_tensors
         activated = F.gelu(hidden, approximate="tanh")
         grad_w2 = torch.mm(grad.t(), activated)
@@ -41,7 +45,7 @@ class _FeedForward(torch.autograd.Function):
 
 
 @register("feed_forward")
-def feed_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def feed_forward(module: FeedForward, x: torch.Tensor) -> torch.Tensor | None:
     fc, proj = module.fc, module.proj
     if (
         not module.training

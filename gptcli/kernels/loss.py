@@ -7,10 +7,14 @@ torch.compile traces and under GPTCLI_KERNELS=0.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import nn
 
 from gptcli.kernels.dispatch import autocast_dtype, register
+
+if TYPE_CHECKING:
+    from gptcli.model import GPT
 
 LOSS_CHUNK_ELEMENTS = 1 << 24
 """Most logits `lm_head_loss` computes at once (64 MiB in float32); the rows are split into equal
@@ -26,7 +30,7 @@ class _LMHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
         want_grad: bool, ignore_index: int,
     ) -> torch.Tensor:
@@ -74,7 +78,7 @@ class _LMHeadLoss(torch.autograd.Function):
         return total / count.to(torch.float32)  # NaN when nothing is scored, like F.cross_entropy
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         one = grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
@@ -111,7 +115,7 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 
 
 @register("lm_head_loss")
-def model_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+def model_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """`GPT.loss` for (batch, seq, emb) final hidden states and (batch, seq) targets; None for an
     output layer whose weight is not a float matrix (gptcli.quantize's int8 layers)."""
     if not model.out_head.weight.is_floating_point():
