@@ -31,7 +31,7 @@ DEFAULT_BINARY = REPO / "build" / "llama.cpp" / "build" / "bin" / "llama-complet
 PROMPT_TEXT = "Every effort moves you"
 PROMPT_IDS = [6109, 3626, 6100, 345]
 PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"))  # gptcli --dtype, llama.cpp --gguf-type
-EVAL_RATE = re.compile(r"\beval time =.*?([0-9.]+) tokens per second")
+EVAL_RATE = re.compile(r"(?<!prompt )eval time =.*?([0-9.]+) tokens per second")  # decoding, not the prompt
 
 
 def write_models(directory: Path) -> tuple[Path, dict[str, Path]]:
