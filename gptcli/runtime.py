@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from gptcli.errors import UsageError
+from gptcli.settings import InferenceDtype, Precision
 
 if TYPE_CHECKING:
     import torch
@@ -30,11 +31,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
-INFERENCE_DTYPES = ("auto", "fp32", "bf16", "int8")
+INFERENCE_DTYPES: tuple[str, ...] = get_args(InferenceDtype)
 """`--dtype` of sample and eval: auto picks bf16 where it is native (see `bf16_is_native`), else fp32;
 int8 is weight-only int8 with per-output-channel scales (gptcli.quantize)."""
 
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 BF16_ENV = "GPTCLI_CPU_BF16"
 """Set to 0 or 1 to override the detection of native bf16 on the CPU (tests simulate CPUs with it)."""

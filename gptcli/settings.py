@@ -27,6 +27,7 @@ Schedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
 Sampling = Literal["epochs", "random"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
+InferenceDtype = Literal["auto", "fp32", "bf16", "int8"]  # sample and eval --dtype (gptcli.runtime)
 DropoutRng = Literal["exact", "fast"]
 
 # Settings that may change when a run is resumed; every other one is the run's for good.

@@ -7,11 +7,45 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import typer
 
 if TYPE_CHECKING:
     from gptcli.convert import ConvertResult
     from gptcli.model import GPT
+
+
+
+RUNTIME_PANEL = "Model and runtime"
+
+
+def device_option() -> Any:
+    """`--device`, as `sample` and `eval` declare it (train's lives with its settings)."""
+    return typer.Option("auto", "--device", rich_help_panel=RUNTIME_PANEL, help="auto: cuda, then mps, then cpu.")
+
+
+def dtype_option() -> Any:
+    return typer.Option(
+        "fp32", "--dtype", rich_help_panel=RUNTIME_PANEL,
+        help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
+        "auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32). bf16 where it is not native "
+        "runs fp32, with a note.",
+    )
+
+
+def strict_precision_option() -> Any:
+    return typer.Option(
+        False, "--strict-precision", rich_help_panel=RUNTIME_PANEL,
+        help="Refuse (exit 2) instead of running fp32 when --dtype bf16 is not native here.",
+    )
+
+
+def threads_option() -> Any:
+    return typer.Option(
+        None, "--threads", show_default=False, rich_help_panel=RUNTIME_PANEL,
+        help="CPU threads for torch (default: one per core).",
+    )
 
 
 def stdin_is_piped() -> bool:

@@ -9,8 +9,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from gptcli.commands._common import (
+    RUNTIME_PANEL,
+    device_option,
+    dtype_option,
+    strict_precision_option,
+    threads_option,
+)
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
-from gptcli.settings import Device
+from gptcli.settings import Device, InferenceDtype
 
 if TYPE_CHECKING:
     import numpy as np
@@ -18,7 +25,7 @@ if TYPE_CHECKING:
 
     from gptcli.evaluate import EvalResult
 
-RUNTIME = "Model and runtime"
+RUNTIME = RUNTIME_PANEL
 
 
 def command(
@@ -57,21 +64,10 @@ def command(
         help="One JSON object per source (source, tokens, loss, perplexity, dtype) instead of a table; with "
         "--per-token also per_token, a list of {position, token_id, token, prob, loss}.",
     ),
-    device: Device = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto: cuda, then mps, then cpu."),
-    dtype: str = typer.Option(
-        "fp32", "--dtype", rich_help_panel=RUNTIME,
-        help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
-        "auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32). bf16 where it is not native "
-        "runs fp32, with a note.",
-    ),
-    strict_precision: bool = typer.Option(
-        False, "--strict-precision", rich_help_panel=RUNTIME,
-        help="Refuse (exit 2) instead of running fp32 when --dtype bf16 is not native here.",
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", show_default=False, rich_help_panel=RUNTIME,
-        help="CPU threads for torch (default: one per core).",
-    ),
+    device: Device = device_option(),
+    dtype: InferenceDtype = dtype_option(),
+    strict_precision: bool = strict_precision_option(),
+    threads: int | None = threads_option(),
 ) -> None:
     from gptcli.runtime import set_threads
 

@@ -12,11 +12,20 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from gptcli import jsonio
-from gptcli.commands._common import load_for_inference, read_stdin, stdin_is_piped
+from gptcli.commands._common import (
+    RUNTIME_PANEL,
+    device_option,
+    dtype_option,
+    load_for_inference,
+    read_stdin,
+    stdin_is_piped,
+    strict_precision_option,
+    threads_option,
+)
 from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
 from gptcli.generate import DEFAULT_BATCH_SIZE
 from gptcli.logprobs import MAX_TOP_LOGPROBS
-from gptcli.settings import DEFAULT_PROMPT, Device
+from gptcli.settings import DEFAULT_PROMPT, Device, InferenceDtype
 
 if TYPE_CHECKING:
     import tiktoken
@@ -28,7 +37,7 @@ MAX_SEED = 2**63 - 1
 MAX_LENGTH_PENALTY = 10.0  # length ** penalty must stay a finite, non-zero float for any length
 DECODING = "Decoding"
 OUTPUT = "Input and output"
-RUNTIME = "Model and runtime"
+RUNTIME = RUNTIME_PANEL
 
 
 @dataclass
@@ -322,21 +331,10 @@ def command(
     verbose: bool = typer.Option(
         False, "--verbose", "-v", rich_help_panel=OUTPUT, help="Timing and tokens/s per sample on stderr.",
     ),
-    device: Device = typer.Option("auto", "--device", rich_help_panel=RUNTIME, help="auto: cuda, then mps, then cpu."),
-    dtype: str = typer.Option(
-        "fp32", "--dtype", rich_help_panel=RUNTIME,
-        help="Weights for inference: fp32, bf16, int8 (weight-only, per-channel scales, quantized at load) or "
-        "auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32). bf16 where it is not native "
-        "runs fp32, with a note.",
-    ),
-    strict_precision: bool = typer.Option(
-        False, "--strict-precision", rich_help_panel=RUNTIME,
-        help="Refuse (exit 2) instead of running fp32 when --dtype bf16 is not native here.",
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", show_default=False, rich_help_panel=RUNTIME,
-        help="CPU threads for torch (default: one per core).",
-    ),
+    device: Device = device_option(),
+    dtype: InferenceDtype = dtype_option(),
+    strict_precision: bool = strict_precision_option(),
+    threads: int | None = threads_option(),
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", rich_help_panel=RUNTIME,
         help="Rows (every prompt or line x --num-samples) decoded together; each row gives the same tokens "
