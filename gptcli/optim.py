@@ -7,6 +7,8 @@ from typing import Any, cast
 
 import torch
 
+from gptcli.kernels.decoding import forget_packed_weights
+
 
 def adamw(
     params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3, weight_decay: float = 1e-2, **kwargs: Any
@@ -33,4 +35,8 @@ def adamw(
         kwargs["fused"] = True
     # `groups` holds one kind only, as `params` did: the element union above lost that, torch's type needs it.
     same_kind = cast("list[torch.Tensor] | list[dict]", groups)
-    return torch.optim.AdamW(same_kind, lr=lr, weight_decay=weight_decay, **kwargs)
+    optimizer = torch.optim.AdamW(same_kind, lr=lr, weight_decay=weight_decay, **kwargs)
+    # Decoding's prepacked weight copies go stale after a step (the fused update bumps no tensor
+    # versions): the samples and small evaluations during training must see the new weights.
+    optimizer.register_step_post_hook(lambda *_: forget_packed_weights())
+    return optimizer

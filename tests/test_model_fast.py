@@ -359,3 +359,27 @@ def test_adamw_is_fused_on_cpu_and_equals_the_default():
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
     assert adamw([torch.zeros(2, requires_grad=True)], foreach=False).defaults["fused"] in (None, False)
+
+
+def test_decoding_after_an_optimizer_step_uses_the_new_weights():
+    """The fused AdamW update bumps no tensor versions: decoding's prepacked copies must still be
+    rebuilt after a step (training's epoch samples and small evaluations decode between steps)."""
+    from gptcli.kernels.decoding import PACKED_ROWS, decoding_linear
+    from gptcli.model import Linear
+    from gptcli.optim import adamw
+
+    torch.manual_seed(0)
+    layer = Linear(64, 64)
+    optimizer = adamw(layer.parameters(), lr=0.1)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        before = decoding_linear(layer, x)  # packs the weight
+    if before is None:
+        pytest.skip("no decoding kernel on this build")
+    layer(torch.randn(PACKED_ROWS + 1, 64)).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = decoding_linear(layer, x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)

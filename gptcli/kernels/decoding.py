@@ -57,6 +57,14 @@ def _packed(weight: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+def forget_packed_weights() -> None:
+    """Drop every prepacked copy. The cache notices weights replaced or changed by ordinary in-place
+    ops (their version counter), but fused optimizers update parameters without bumping it, so an
+    optimizer step must call this (gptcli.optim.adamw does) or a later decoding step would multiply
+    by the weights of before the step."""
+    _packed_weights.clear()
+
+
 def _split_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
     """F.linear(x, weight, bias) with the weight's rows split over `parts` threads."""
     out_features, in_features = weight.shape
