@@ -46,6 +46,7 @@ from gptcli.checkpoint import (
     atomic_write_text,
     load_config,
     load_weights,
+    resolve_model_path,
 )
 from gptcli.config import GPTConfig
 from gptcli.distributed import Distributed, all_agree, init_distributed, leave_process_group, rank_dropout_rng
@@ -388,12 +389,10 @@ def build_model(settings: TrainSettings, load_init: bool = True) -> GPT:
 
 def resolve_init_path(init: str | Path) -> Path:
     """The weights file of `--init`: a .safetensors file, or a run directory's model file."""
-    path = Path(init)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise GptcliError(f"--init weights not found: {path}")
-    return path
+    try:
+        return resolve_model_path(init)
+    except GptcliError:
+        raise GptcliError(f"--init weights not found: {init}") from None
 
 
 def resolve_init_config(init: str, overrides: dict[str, Any]) -> GPTConfig:

@@ -49,3 +49,18 @@ def tokenizer():
     from gptcli.tokenizer import get_tokenizer
 
     return get_tokenizer(BPE_DIR)
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    """A tiny gptcli model file (seeded, untrained) for the commands' tests."""
+    import torch
+
+    from gptcli.checkpoint import save_model
+    from gptcli.config import get_preset
+    from gptcli.model import GPT
+
+    torch.manual_seed(1)
+    path = tmp_path / "model.safetensors"
+    save_model(path, GPT(get_preset("tiny")))
+    return path

@@ -126,16 +126,6 @@ def test_refuses_beam_search_and_bad_sizes(tiny: GPT) -> None:
 # --- `gptcli sample` decodes its rows in batches -------------------------------------------------
 
 
-@pytest.fixture
-def model_file(tmp_path):
-    from gptcli.checkpoint import save_model
-
-    torch.manual_seed(1)
-    path = tmp_path / "model.safetensors"
-    save_model(path, GPT(get_preset("tiny")))
-    return path
-
-
 def run_sample(*args: str, input: str | None = None) -> str:
     from typer.testing import CliRunner
 

@@ -37,14 +37,6 @@ def small() -> GPT:
     return GPT(get_preset("tiny").replace(context_length=8)).eval()
 
 
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path / "model.safetensors"
-    save_model(path, GPT(get_preset("tiny")))
-    return path
-
-
 def invoke(*args: str, input: str | None = None):  # noqa: A002 - CliRunner's name
     return runner.invoke(app, ["eval", *args], input=input)
 

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from gptcli.batched import decode_batch
-from gptcli.checkpoint import load_model, save_model
+from gptcli.checkpoint import load_model
 from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.evaluate import evaluate_per_token, evaluate_sources
@@ -110,14 +110,6 @@ def test_openai_layout_and_unique_token_texts(tokenizer) -> None:
 
 
 # --- the commands ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    torch.manual_seed(4)
-    path = tmp_path / "model.safetensors"
-    save_model(path, GPT(get_preset("tiny")))
-    return path
 
 
 def sample(*args: str):

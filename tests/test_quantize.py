@@ -10,7 +10,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import save_model
 from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.errors import UsageError
@@ -92,14 +91,6 @@ def test_bf16_detection_can_be_simulated(monkeypatch: pytest.MonkeyPatch, env: s
     if not native:
         with pytest.raises(UsageError, match="no native bf16"):
             resolve_precision("bf16", "cpu", strict=True)
-
-
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path / "model.safetensors"
-    save_model(path, GPT(get_preset("tiny")))
-    return path
 
 
 def test_sample_runs_fp32_where_bf16_is_not_native(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
