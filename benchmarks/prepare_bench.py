@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("GPTCLI_SHARED", ROOT.parent / "shared"))
-VERDICT = SHARED / "data" / "the-verdict.txt"
+from gptcli.assets import VERDICT  # noqa: E402
+
 FILE_BYTES = 1 << 20
 
 
@@ -127,7 +127,6 @@ def main() -> None:
     if args.child:
         child(args.child, args.corpus, args.out, args.workers)
         return
-    os.environ.setdefault("GPTCLI_BPE_DIR", str(SHARED / "data" / "gpt2"))
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         corpus = Path(tmp) / "corpus"

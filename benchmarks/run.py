@@ -62,9 +62,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
-SHARED = Path(os.environ.get("GPTCLI_SHARED", ROOT.parent / "shared"))
-VERDICT = SHARED / "data" / "the-verdict.txt"
-SHARED_BPE = SHARED / "data" / "gpt2"
+from gptcli.assets import VERDICT  # noqa: E402
+
 LR, WEIGHT_DECAY = 4e-4, 0.1
 
 
@@ -839,14 +838,14 @@ class Suite:
 def verdict_tokens() -> list[int]:
     from gptcli.tokenizer import encode, get_tokenizer
 
-    return encode(get_tokenizer(SHARED_BPE if SHARED_BPE.is_dir() else None), VERDICT.read_text(encoding="utf-8"))
+    return encode(get_tokenizer(), VERDICT.read_text(encoding="utf-8"))
 
 
 def verdict_lines(count: int) -> list[list[int]]:
     """The token ids of the-verdict's first `count` non-empty lines (repeated if it has fewer)."""
     from gptcli.tokenizer import encode, get_tokenizer
 
-    tokenizer = get_tokenizer(SHARED_BPE if SHARED_BPE.is_dir() else None)
+    tokenizer = get_tokenizer()
     lines = [line for line in VERDICT.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [encode(tokenizer, lines[i % len(lines)]) for i in range(count)]
 

@@ -503,14 +503,6 @@ def fetch_verdict(
     return _run(lambda ctx: [verdict_remote(ctx, resolved, dest)], on_event, policy, want_sha256)[0]
 
 
-def ensure_verdict(mirror: str | None = None, on_event: EventCallback | None = None) -> Path:
-    """The cached corpus, downloaded once if missing (what `train` uses when given no corpus)."""
-    path = verdict_cache_path()
-    if path.is_file():
-        return path
-    return fetch_verdict(mirror=mirror, on_event=on_event, want_sha256=False).path
-
-
 def fetch_tokenizer(
     directory: str | Path | None = None,
     mirror: str | None = None,

@@ -1,7 +1,8 @@
 """GPT-2's byte-pair encoding through tiktoken, usable offline from local BPE files.
 
 Lookup order: an explicit directory (option or `GPTCLI_BPE_DIR`), then gptcli's cache
-(`gptcli fetch tokenizer` puts the files there), then tiktoken's own download and cache.
+(`gptcli fetch tokenizer` puts the canonical copies there), then the copies bundled in the package,
+so the tokenizer never needs the network.
 """
 
 from __future__ import annotations
@@ -27,40 +28,27 @@ ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
 
 
-def _local_bpe_dir(explicit: str | Path | None) -> Path | None:
-    candidates: list[Path] = []
-    if explicit:
-        candidates.append(Path(explicit))
-    elif os.environ.get(BPE_DIR_ENV):
-        candidates.append(Path(os.environ[BPE_DIR_ENV]))
-    else:
-        candidates.append(tokenizer_cache_dir())
-    for directory in candidates:
-        if (directory / ENCODER_JSON).is_file() and (directory / VOCAB_BPE).is_file():
-            return directory
-        if explicit or os.environ.get(BPE_DIR_ENV):
-            raise GptcliError(
-                f"no GPT-2 BPE files ({ENCODER_JSON}, {VOCAB_BPE}) in {directory}; "
-                "run `gptcli fetch tokenizer` or point GPTCLI_BPE_DIR at a directory holding them"
-            )
-    return None
+def _local_bpe_dir(explicit: str | Path | None) -> Path:
+    from gptcli.assets import BPE_DIR
+
+    chosen = explicit or os.environ.get(BPE_DIR_ENV)
+    directory = Path(chosen) if chosen else tokenizer_cache_dir()
+    if (directory / ENCODER_JSON).is_file() and (directory / VOCAB_BPE).is_file():
+        return directory
+    if chosen:
+        raise GptcliError(
+            f"no GPT-2 BPE files ({ENCODER_JSON}, {VOCAB_BPE}) in {directory}; "
+            "point GPTCLI_BPE_DIR at a directory holding them, or unset it to use the bundled copies"
+        )
+    return BPE_DIR
 
 
 @functools.lru_cache(maxsize=4)
-def _load(bpe_dir: str | None) -> tiktoken.Encoding:
+def _load(bpe_dir: str) -> tiktoken.Encoding:
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    if bpe_dir is None:
-        try:
-            return tiktoken.get_encoding("gpt2")
-        except Exception as exc:  # tiktoken raises requests/OS errors when offline
-            raise GptcliError(
-                "cannot load the GPT-2 tokenizer: its BPE files are not available locally and the "
-                f"download failed ({type(exc).__name__}); run `gptcli fetch tokenizer`, or set "
-                "GPTCLI_BPE_DIR to a directory with encoder.json and vocab.bpe"
-            ) from None
     try:
         ranks = data_gym_to_mergeable_bpe_ranks(
             vocab_bpe_file=str(Path(bpe_dir) / VOCAB_BPE),
@@ -80,9 +68,8 @@ def _load(bpe_dir: str | None) -> tiktoken.Encoding:
 
 
 def get_tokenizer(bpe_dir: str | Path | None = None) -> tiktoken.Encoding:
-    """GPT-2's tokenizer; offline when the BPE files are found locally."""
-    local = _local_bpe_dir(bpe_dir)
-    return _load(str(local) if local else None)
+    """GPT-2's tokenizer, from local BPE files (never downloaded)."""
+    return _load(str(_local_bpe_dir(bpe_dir)))
 
 
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:

@@ -1,22 +1,46 @@
-"""Shared test setup: ../shared (or $GPTCLI_SHARED) for the real data files, an isolated gptcli
-cache and working directory per test, and the tokenizer pointed at the local BPE files."""
+"""Shared test setup: the real data files (the package's bundled corpus and BPE files, and the tiny
+checkpoint real TensorFlow wrote, in tests/data), an isolated gptcli cache and working directory
+per test, and the tokenizer pointed at the bundled BPE files. Nothing outside the repository."""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from gptcli.assets import BPE_DIR as BPE_DIR  # re-exported for the tests
+from gptcli.assets import VERDICT as VERDICT
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("GPTCLI_SHARED", REPO_ROOT.parent / "shared")).resolve()
-VERDICT = SHARED / "data" / "the-verdict.txt"
-BPE_DIR = SHARED / "data" / "gpt2"
-OPENAI_TINY = SHARED / "fixtures" / "openai-tiny"
+DATA_DIR = REPO_ROOT / "tests" / "data"
+# OpenAI's release layout written by real TensorFlow (n_vocab 50257, n_ctx 128, n_embd 24, 2 heads,
+# 2 layers), with expected.json (logits, greedy tokens, loss from HF transformers on its arrays) and
+# weights.sha256.json (each saved array's sha256); encoder.json and vocab.bpe link to the package's.
+OPENAI_TINY = DATA_DIR / "openai-tiny"
 
 # Benchmarks' chapter reference code is importable from tests.
 sys.path.insert(0, str(REPO_ROOT))
+
+
+def openai_tiny_arrays() -> dict:
+    """The fixture's arrays as gptcli's TensorFlow bundle reader reads them, each checked bit for bit
+    against the sha256 of the array TensorFlow saved."""
+    import numpy as np
+
+    from gptcli.convert import TensorBundle
+
+    manifest = json.loads((OPENAI_TINY / "weights.sha256.json").read_text())["arrays"]
+    bundle = TensorBundle(OPENAI_TINY / "model.ckpt")
+    arrays = {name: bundle.read(name) for name in manifest}
+    for name, want in manifest.items():
+        array = np.ascontiguousarray(arrays[name])
+        got = {"dtype": str(array.dtype), "shape": list(array.shape),
+               "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
+        assert got == want, name
+    return arrays
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,12 +57,13 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Each test runs in its own directory with its own gptcli cache and offline tokenizer."""
+    """Each test runs in its own directory with its own (empty) gptcli cache, so the tokenizer and
+    the default corpus come from the package, as on a fresh install."""
     home = tmp_path / "gptcli-home"
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.setenv("GPTCLI_HOME", str(home))
-    monkeypatch.setenv("GPTCLI_BPE_DIR", str(BPE_DIR))
+    monkeypatch.delenv("GPTCLI_BPE_DIR", raising=False)  # the bundled BPE files, as a fresh install
     monkeypatch.delenv("GPTCLI_MIRROR", raising=False)
     monkeypatch.chdir(work)
     return work

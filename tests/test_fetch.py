@@ -1,4 +1,4 @@
-"""`gptcli fetch` against a real HTTP server on 127.0.0.1 serving ../shared in the mirror layout,
+"""`gptcli fetch` against a real HTTP server on 127.0.0.1 serving the test data in the mirror layout,
 with injected faults (404, 5xx, cut connections, ignored Range headers, wrong sizes and hashes,
 Ctrl-C), and against a local mirror directory."""
 
@@ -25,8 +25,6 @@ from tests.conftest import BPE_DIR, OPENAI_TINY, VERDICT
 runner = CliRunner()
 FAST = RetryPolicy(retries=2, backoff=0.0, timeout=5.0)
 DATA = "124M/model.ckpt.data-00000-of-00001"
-
-pytestmark = pytest.mark.skipif(not OPENAI_TINY.is_dir(), reason="shared fixtures missing")
 
 
 def mirror_layout() -> dict[str, Path]:
@@ -128,7 +126,7 @@ def server() -> Iterator[Server]:
 
 
 def local_mirror(tmp_path: Path, sums: bool = True, bad: str | None = None) -> Path:
-    """A mirror directory (symlinks to ../shared) with a SHA256SUMS file."""
+    """A mirror directory (symlinks to the test data) with a SHA256SUMS file."""
     root = tmp_path / "mirror"
     lines = []
     for relative, source in mirror_layout().items():
@@ -324,19 +322,18 @@ def test_verdict_and_tokenizer_from_local_mirror_into_the_cache(tmp_path: Path, 
 
     from gptcli.tokenizer import get_tokenizer
 
-    monkeypatch.delenv("GPTCLI_BPE_DIR")
     assert get_tokenizer().encode("Every effort moves you") == [6109, 3626, 6100, 345]
     assert (tokenizer_cache_dir() / "vocab.bpe").is_file()
 
 
-def test_ensure_verdict_downloads_once(tmp_path: Path, monkeypatch) -> None:
-    from gptcli.paths import verdict_cache_path
+def test_bundled_files_are_the_canonical_ones() -> None:
+    """The package's copies carry the sha256 (and size) `fetch` verifies downloads against."""
+    from gptcli import assets
 
-    mirror = local_mirror(tmp_path, sums=False)
-    path = download.ensure_verdict(mirror=str(mirror))
-    assert path == verdict_cache_path() and path.read_bytes() == VERDICT.read_bytes()
-    monkeypatch.setenv("GPTCLI_MIRROR", str(tmp_path / "nowhere"))  # would fail if consulted
-    assert download.ensure_verdict() == path
+    assert sha256(assets.VERDICT) == download.VERDICT_SHA256
+    assert assets.VERDICT.stat().st_size == download.KNOWN_SIZES["the-verdict.txt"]
+    assert sha256(assets.BPE_DIR / "encoder.json") == download.ENCODER_JSON_SHA256
+    assert sha256(assets.BPE_DIR / "vocab.bpe") == download.VOCAB_BPE_SHA256
 
 
 def test_fetch_convert_sample_end_to_end_on_a_local_mirror(tmp_path: Path) -> None:

@@ -69,7 +69,6 @@ def test_gptcli_file_book_and_gguf(tmp_path: Path) -> None:
     assert report["origin"]["gguf_type"] == "f16" and report["origin"]["converted_from"] == "gptcli"
 
 
-@pytest.mark.skipif(not OPENAI_TINY.is_dir(), reason="shared openai-tiny fixture missing")
 def test_openai_and_hf_directories(tmp_path: Path) -> None:
     report = info(OPENAI_TINY)
     hparams = json.loads((OPENAI_TINY / "hparams.json").read_text())

@@ -378,22 +378,18 @@ def test_check_enough_tokens_for_validation(tokenizer):
         check_enough_tokens(splits, 256)
 
 
-def test_no_corpus_trains_on_the_verdict_fetched_once(monkeypatch):
+def test_no_corpus_trains_on_the_bundled_verdict_offline(monkeypatch):
+    from gptcli.assets import VERDICT as BUNDLED
     from gptcli.paths import verdict_cache_path
 
-    from .conftest import SHARED
-
-    monkeypatch.setenv("GPTCLI_MIRROR", str(SHARED / "data"))  # a local mirror directory
+    monkeypatch.setenv("GPTCLI_MIRROR", "/nonexistent-mirror")  # any download attempt would fail
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     args = ["train", "--preset", "tiny", "--context-length", "64", "--batch-size", "8", "--max-steps", "1",
-            "--eval-iter", "1", "--sample-tokens", "0", "--quiet", "--no-plots"]
-    result = runner.invoke(app, [*args, "--out", "first"])
+            "--eval-iter", "1", "--sample-tokens", "0", "--quiet", "--no-plots", "--out", "run"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    cached = verdict_cache_path()
-    assert cached.read_bytes() == VERDICT.read_bytes()
-    assert json.loads(Path("first/run.json").read_text())["corpus"] == str(cached)
-    monkeypatch.setenv("GPTCLI_MIRROR", "/nonexistent-mirror")  # a second run needs no download
-    result = runner.invoke(app, [*args, "--out", "second"])
-    assert result.exit_code == 0, result.output
+    assert json.loads(Path("run/run.json").read_text())["corpus"] == str(BUNDLED)
+    assert not verdict_cache_path().exists()
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
