@@ -28,7 +28,8 @@ ENDOFTEXT = "<|endoftext|>"
 EOT_ID = 50256
 
 
-def _local_bpe_dir(explicit: str | Path | None) -> Path:
+def bpe_dir(explicit: str | Path | None = None) -> Path:
+    """The directory whose encoder.json and vocab.bpe the tokenizer uses (see the module's lookup order)."""
     from gptcli.assets import BPE_DIR
 
     chosen = explicit or os.environ.get(BPE_DIR_ENV)
@@ -67,9 +68,9 @@ def _load(bpe_dir: str) -> tiktoken.Encoding:
     )
 
 
-def get_tokenizer(bpe_dir: str | Path | None = None) -> tiktoken.Encoding:
+def get_tokenizer(directory: str | Path | None = None) -> tiktoken.Encoding:
     """GPT-2's tokenizer, from local BPE files (never downloaded)."""
-    return _load(str(_local_bpe_dir(bpe_dir)))
+    return _load(str(bpe_dir(directory)))
 
 
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:

@@ -93,18 +93,6 @@ def gpt2_vocab(bpe_dir: Path, vocab_size: int) -> tuple[list[str], list[int], li
     return tokens, types, merges
 
 
-def _bpe_dir(explicit: str | Path | None) -> Path:
-    from gptcli.tokenizer import _local_bpe_dir
-
-    found = _local_bpe_dir(explicit)
-    if found is None:
-        raise GptcliError(
-            "GGUF embeds GPT-2's tokenizer, whose files (encoder.json, vocab.bpe) are not available locally; "
-            "run `gptcli fetch tokenizer` or set GPTCLI_BPE_DIR"
-        )
-    return found
-
-
 def _tensor_type(gguf_type: str, array_shape: tuple[int, ...]) -> Any:
     import gguf
 
@@ -181,10 +169,11 @@ def write_gguf(
     import gguf
 
     from gptcli.checkpoint import atomic_write
+    from gptcli.tokenizer import bpe_dir as find_bpe_dir
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
-    directory = _bpe_dir(bpe_dir)
+    directory = find_bpe_dir(bpe_dir)
     gpt2_vocab(directory, plan.config.vocab_size)  # fail on the tokenizer before any work
     tensors = _gguf_tensors(plan)
 
