@@ -21,57 +21,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gptcli.errors import GptcliError, UsageError
+from gptcli.textinput import read_text_file
+from gptcli.tokenfile import read_meta
 
 if TYPE_CHECKING:
     import tiktoken
     import torch
-
-
-STDIN_NAME = "<stdin>"
-
-
-def not_utf8(name: str, byte: int, offset: int, hint: str = "") -> GptcliError:
-    """The one error for text that is not UTF-8, naming the source, the byte and where it is."""
-    message = f"{name} is not UTF-8 text (invalid byte 0x{byte:02x} at offset {offset})"
-    return GptcliError(f"{message}; {hint}" if hint else message)
-
-
-def decode_utf8(raw: bytes, name: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise not_utf8(name, raw[exc.start], exc.start) from None
-
-
-def read_stdin_text() -> str:
-    """All of stdin as strict UTF-8: the text stream's own decoding would let invalid bytes through
-    as surrogates under a C locale (Python's surrogateescape)."""
-    import sys
-
-    buffer = getattr(sys.stdin, "buffer", None)
-    if buffer is None:  # a replaced stdin without bytes underneath (already text)
-        return sys.stdin.read()
-    try:
-        return decode_utf8(buffer.read(), STDIN_NAME)
-    except OSError as exc:
-        raise GptcliError(f"cannot read {STDIN_NAME}: {exc.strerror}") from None
-
-
-def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file's contents, or a one-line error saying what is wrong with it."""
-    path = Path(path)
-    if not path.exists():
-        raise GptcliError(f"corpus not found: {path}")
-    if path.is_dir():
-        raise GptcliError(f"{path} is a directory, not a text file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
-    text = decode_utf8(raw, str(path))
-    if not text.strip():
-        raise GptcliError(f"{path} is empty")
-    return text
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -267,8 +222,6 @@ class RandomWindowLoader:
 def prepared_splits(directory: str | Path) -> Splits:
     """The memory-mapped train.bin and val.bin of a `gptcli prepare` directory, checked against its
     meta.json (an interrupted or altered directory is refused, not half-read)."""
-    from gptcli.prepare import read_meta
-
     directory = Path(directory)
     meta = read_meta(directory)
     try:

@@ -21,12 +21,9 @@ The core never prints: `prepare()` yields events and the command renders them.
 
 from __future__ import annotations
 
-import codecs
-import hashlib
 import json
 import math
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
@@ -37,29 +34,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from gptcli import __version__
 from gptcli.choices import DECODE_ERRORS, SPLIT_MODES
-from gptcli.data import STDIN_NAME
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
+from gptcli.textinput import ChunkReader, Source, collect_sources
+from gptcli.tokenfile import DTYPES, FORMAT, META_FILE, TRAIN_FILE, VAL_FILE, TokenFile, check_vocab_fits, move_tail
 from gptcli.tokenizer import EOT_ID
 
 if TYPE_CHECKING:
     import numpy as np
     import tiktoken
 
-META_FILE = "meta.json"
-TRAIN_FILE = "train.bin"
-VAL_FILE = "val.bin"
-FORMAT = "gptcli-tokens"
-STDIN = "-"
 DEFAULT_CHUNK_SIZE = 1 << 20  # bytes read per block and characters per tokenized chunk
-DTYPES = ("uint16", "uint32")
-
-# What `\s` matches in tiktoken's (Rust) regex: Unicode White_Space. Python's str.isspace() is a
-# superset, which makes `not isspace()` a safe (conservative) test for "not whitespace".
-_WHITESPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
-)
-_ANY_CUT = re.compile(f"[{re.escape(_WHITESPACE)}](?=\\S)")
 
 
 # --- events -------------------------------------------------------------------------------------
@@ -97,153 +82,7 @@ class PrepareFinished:
 PrepareEvent = PrepareStarted | PrepareProgress | PrepareFinished
 
 
-# --- inputs -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """One document: a file, or stdin (path None)."""
-
-    name: str
-    path: Path | None
-    size: int | None  # bytes; None for stdin until read
-    sha256: str = ""
-    tokens: int = 0
-    split: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.name, "bytes": self.size, "sha256": self.sha256, "tokens": self.tokens,
-                "split": self.split}
-
-
-def collect_sources(inputs: Sequence[str | Path], glob: str = "*.txt", exclude: Path | None = None) -> list[Source]:
-    """Files named, files under directories (recursively, matching `glob`, sorted), and stdin for
-    '-'; each file once. `exclude` (the output directory) is skipped when walking directories."""
-    if not inputs:
-        raise UsageError("no inputs: give text files, directories, or '-' for stdin")
-    if sum(1 for i in inputs if str(i) == STDIN) > 1:
-        raise UsageError("stdin ('-') can be read only once")
-    excluded = exclude.resolve() if exclude is not None else None
-    sources: list[Source] = []
-    seen: set[Path] = set()
-
-    def add(path: Path) -> None:
-        resolved = path.resolve()
-        if resolved in seen:
-            return
-        seen.add(resolved)
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
-        sources.append(Source(str(path), path, size))
-
-    for item in inputs:
-        if str(item) == STDIN:
-            sources.append(Source(STDIN_NAME, None, None))
-            continue
-        path = Path(item)
-        if path.is_dir():
-            for p in _files_under(path, glob, excluded):
-                add(p)
-        elif path.is_file():
-            add(path)
-        elif path.exists():
-            raise GptcliError(f"{path} is neither a file nor a directory")
-        else:
-            raise GptcliError(f"input not found: {path}")
-    return sources
-
-
-def _files_under(directory: Path, glob: str, excluded: Path | None) -> list[Path]:
-    """The files under `directory` matching `glob`, sorted, leaving out hidden ones and `excluded`."""
-    found = sorted(
-        p for p in directory.rglob(glob)
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-        and (excluded is None or excluded not in p.resolve().parents)
-    )
-    if not found:
-        raise GptcliError(f"no files matching {glob!r} under {directory} (change --glob)")
-    return found
-
-
 # --- chunking -----------------------------------------------------------------------------------
-
-
-def safe_cut(text: str, start: int = 1) -> int:
-    """The last index i >= max(start, 1) at which `text` can be cut so that tokenizing text[:i] and
-    text[i:] separately gives exactly the tokens of text; 0 when there is none.
-
-    Such a place is a whitespace character followed by a non-whitespace one. GPT-2's pre-tokenizer
-    regex (`... | ?\\p{L}+ | ... |\\s+(?!\\S)|\\s`) then ends a piece just before it in the whole text
-    (the run of whitespace before it is one piece; it starts the next) and the halves split into the
-    same pieces, and BPE never merges across pieces. Line breaks are preferred, then spaces.
-    """
-    start = max(start, 1)
-    last = len(text) - 1  # the character after the cut must exist
-    for separator in ("\n", " "):
-        i = text.rfind(separator, start, last)
-        while i >= start:
-            if not text[i + 1].isspace():
-                return i
-            i = text.rfind(separator, start, i)
-    found = 0
-    for match in _ANY_CUT.finditer(text, start, last + 1):
-        found = match.start()
-    return found
-
-
-class _Reader:
-    """A document's text in chunks of about `chunk_size` characters, cut at safe places, with the
-    byte count and sha256 of what was read."""
-
-    def __init__(self, stream: BinaryIO, name: str, chunk_size: int, errors: str) -> None:
-        self.stream = stream
-        self.name = name
-        self.chunk_size = chunk_size
-        self.errors = errors
-        self.bytes_read = 0
-        self.hasher = hashlib.sha256()
-        self.forced_cuts = 0  # cuts with no safe place nearby (tokens at the cut may differ)
-
-    def chunks(self) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors=self.errors)
-        pending = ""
-        while True:
-            try:
-                block = self.stream.read(self.chunk_size)
-            except OSError as exc:
-                raise GptcliError(f"cannot read {self.name}: {exc.strerror}") from None
-            buffered = len(decoder.getstate()[0])
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as exc:
-                from gptcli.data import not_utf8
-
-                offset = self.bytes_read - buffered + exc.start
-                raise not_utf8(
-                    self.name, exc.object[exc.start], offset,
-                    "pass --errors replace to read it with U+FFFD in place of invalid bytes",
-                ) from None
-            self.bytes_read += len(block)
-            self.hasher.update(block)
-            pending += text
-            while len(pending) >= self.chunk_size:
-                # Prefer a cut in the second half, so chunks stay large; look further back if needed.
-                cut = safe_cut(pending, len(pending) // 2) or safe_cut(pending)
-                if not cut:
-                    if len(pending) < 4 * self.chunk_size:
-                        break  # read more: a safe place may come
-                    # No whitespace at all for megabytes: cutting anywhere may change a few tokens
-                    # at the cut, but memory must stay bounded.
-                    cut = 2 * self.chunk_size
-                    self.forced_cuts += 1
-                yield pending[:cut]
-                pending = pending[cut:]
-            if not block:
-                break
-        if pending:
-            yield pending
 
 
 # --- tokenization and output --------------------------------------------------------------------
@@ -261,67 +100,6 @@ def _encoder(tokenizer: tiktoken.Encoding, dtype: np.dtype) -> Any:
         def encode(text: str) -> np.ndarray:
             return np.asarray(tokenizer.encode_ordinary(text), dtype=dtype)
     return encode
-
-
-class _TokenFile:
-    """Token ids appended to a temporary file; documents separated by `<|endoftext|>`."""
-
-    def __init__(self, path: Path, dtype: np.dtype, eot: int) -> None:
-        import numpy as np
-
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.file: BinaryIO = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/discard)
-        self.dtype = dtype
-        self.eot = np.array([eot], dtype=dtype)
-        self.tokens = 0
-        self.documents = 0
-
-    def write(self, tokens: np.ndarray, new_document: bool) -> None:
-        if new_document:
-            if self.documents:
-                self.file.write(self.eot.tobytes())
-                self.tokens += 1
-            self.documents += 1
-        self.file.write(tokens.data)  # the array's buffer, no copy
-        self.tokens += len(tokens)
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-
-    def discard(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def _move_tail(source: _TokenFile, target: _TokenFile, keep: int, block: int = 1 << 20) -> None:
-    """Move tokens keep.. of `source` (closed first, so all of it is on disk) to the end of `target`
-    in blocks (bounded memory), then cut `source` to `keep` tokens."""
-    source.close()
-    itemsize = source.dtype.itemsize
-    with open(source.tmp, "r+b") as handle:
-        handle.seek(keep * itemsize)
-        while data := handle.read(block * itemsize):
-            target.file.write(data)
-        handle.truncate(keep * itemsize)
-        os.fsync(handle.fileno())
-    moved = source.tokens - keep
-    source.tokens = keep
-    target.tokens += moved
-
-
-def check_vocab_fits(vocab_size: int, dtype: str) -> None:
-    import numpy as np
-
-    limit = int(np.iinfo(np.dtype(dtype)).max) + 1
-    if vocab_size > limit:
-        raise UsageError(
-            f"the tokenizer's vocabulary ({vocab_size:,} ids) does not fit {dtype} (at most {limit:,} ids)"
-        )
 
 
 def choose_split(split_by: str, documents: int, val_ratio: float) -> str:
@@ -426,11 +204,11 @@ class _Output:
             out_dir.mkdir(parents=True, exist_ok=True)
             for name in (META_FILE, TRAIN_FILE, VAL_FILE):
                 (out_dir / name).unlink(missing_ok=True)
-            self.train = _TokenFile(out_dir / TRAIN_FILE, self.dtype, eot)
+            self.train = TokenFile(out_dir / TRAIN_FILE, self.dtype, eot)
         except OSError as exc:
             raise GptcliError(f"cannot write to {out_dir}: {exc.strerror}") from None
         try:
-            self.val = _TokenFile(out_dir / VAL_FILE, self.dtype, eot)
+            self.val = TokenFile(out_dir / VAL_FILE, self.dtype, eot)
         except OSError as exc:
             self.train.discard()
             raise GptcliError(f"cannot write to {out_dir}: {exc.strerror}") from None
@@ -441,7 +219,7 @@ class _Output:
         if train.tokens + val.tokens == 0:
             raise GptcliError("no text in the inputs: nothing to prepare")
         if mode == "position":
-            _move_tail(train, val, int(train.tokens * (1.0 - val_ratio)))
+            move_tail(train, val, int(train.tokens * (1.0 - val_ratio)))
         if val.tokens == 0 or train.tokens == 0:
             raise GptcliError(
                 f"the {'validation' if val.tokens == 0 else 'training'} split is empty "
@@ -477,7 +255,7 @@ class _Tokenization:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptcli-prepare")
         self.max_in_flight = workers + 1
         # (future, target file, source, first chunk of its document?, bytes read when it was cut)
-        self.in_flight: deque[tuple[Any, _TokenFile, Source, bool, int]] = deque()
+        self.in_flight: deque[tuple[Any, TokenFile, Source, bool, int]] = deque()
         self.bytes_read = 0  # bytes of the sources already read
         self.assigned = {"train": 0, "val": 0}  # bytes of the documents assigned to each split
         self.tokens_done = 0
@@ -497,8 +275,8 @@ class _Tokenization:
         self, source: Source, stdin: BinaryIO | None, chunk_size: int, errors: str
     ) -> Iterator[PrepareEvent]:
         with _open_source(source, stdin) as stream:
-            reader = _Reader(stream, source.name, chunk_size, errors)
-            target: _TokenFile | None = None
+            reader = ChunkReader(stream, source.name, chunk_size, errors)
+            target: TokenFile | None = None
             for chunk in reader.chunks():
                 first = target is None
                 if target is None:  # the document's first chunk: pick its split
@@ -513,7 +291,7 @@ class _Tokenization:
         if target is not None:
             self.assigned["val" if source.split == "val" else "train"] += reader.bytes_read
 
-    def _target(self, source: Source) -> _TokenFile:
+    def _target(self, source: Source) -> TokenFile:
         assigned = self.assigned
         if self.mode == "document" and assigned["val"] < self.val_ratio * (assigned["train"] + assigned["val"]):
             source.split = "val"
@@ -576,19 +354,3 @@ def _meta(
     }
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The meta.json of a prepared directory, with a clear error when it is missing or broken."""
-    directory = Path(directory)
-    path = directory / META_FILE
-    if not path.is_file():
-        raise GptcliError(
-            f"{directory} has no {META_FILE}: not the output of a finished `gptcli prepare` (an interrupted "
-            "run leaves none); run `gptcli prepare` again"
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise GptcliError(f"cannot read {path}: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise GptcliError(f"{path} is not gptcli prepared-data metadata")
-    return meta

@@ -23,13 +23,8 @@ from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.data import RandomWindowLoader, load_splits, prepared_splits
 from gptcli.errors import GptcliError, UsageError
-from gptcli.prepare import (
-    PrepareFinished,
-    PrepareProgress,
-    _Reader,
-    collect_sources,
-    prepare,
-)
+from gptcli.prepare import PrepareFinished, PrepareProgress, prepare
+from gptcli.textinput import ChunkReader, collect_sources
 from gptcli.train import Evaluation, TrainSettings, train
 
 from .conftest import REPO_ROOT, VERDICT
@@ -71,7 +66,7 @@ def test_chunks_are_cut_where_tokens_do_not_change(tokenizer):
     checked = 0
     for _ in range(600):
         text = random_text(rng, rng.randint(1, 150))
-        reader = _Reader(io.BytesIO(text.encode()), "x", rng.choice([16, 20, 33]), "strict")
+        reader = ChunkReader(io.BytesIO(text.encode()), "x", rng.choice([16, 20, 33]), "strict")
         chunks = list(reader.chunks())
         assert "".join(chunks) == text
         if reader.forced_cuts:  # no safe place within 4 chunks: the documented exception
