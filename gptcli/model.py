@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptcli.config import GPTConfig
-from gptcli.kernels import fast_path
+from gptcli.kernels.dispatch import fast_path
 
 
 class KVCache:

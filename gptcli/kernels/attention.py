@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from gptcli.kernels.dispatch import DropoutRng, autocast_dtype, dropout_rng, register
+from gptcli.kernels.dispatch import DropoutRng, autocast_dtype, dropout_rng
 from gptcli.kernels.dropout import drop_mask
 
 if TYPE_CHECKING:
@@ -111,7 +111,6 @@ def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
 
 
-@register("attention")
 def attention(module: CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor | None:
     """Training with dropout on CPU, no cache: `causal_attention_with_dropout`; otherwise None."""

@@ -1,9 +1,13 @@
-"""The one way into the fast paths: `@fast_path(name)` on a model method, the kernels registered
-under that name, and the switch that turns them all off."""
+"""The one way into the fast paths: `@fast_path(name)` on a model method, the table of the kernel
+behind each name, and the switch that turns them all off.
+
+Kernels are found through `KERNELS` and imported on first use, so the model imports only this
+module and no kernel module is loaded (or needs to know the model) until a fast path runs."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -19,7 +23,15 @@ _RNG_ATTRIBUTE = "dropout_rng"
 """The plain attribute `set_dropout_rng` sets on every module of a model (any module class may carry it)."""
 
 Kernel = Callable[..., "torch.Tensor | None"]
-_kernels: dict[str, Kernel] = {}
+KERNELS: dict[str, str] = {
+    "dropout": "gptcli.kernels.dropout:dropout",
+    "attention": "gptcli.kernels.attention:attention",
+    "feed_forward": "gptcli.kernels.feed_forward:feed_forward",
+    "lm_head_loss": "gptcli.kernels.loss:model_loss",
+    "linear": "gptcli.kernels.decoding:decoding_linear",
+}
+"""`@fast_path` name -> "module:function" of its kernel: `kernel(module, *args)` returns the method's
+result, or None where it does not apply (the plain method then runs)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,15 +42,20 @@ def enabled() -> bool:
     return not torch.compiler.is_compiling() and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+@functools.cache
+def kernel(name: str) -> Kernel:
+    """The kernel behind `name`, imported on first use."""
+    module, function = KERNELS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def register(name: str) -> Callable[[Kernel], Kernel]:
-    """Make `kernel(module, *args)` the fast path of the methods marked `@fast_path(name)`. It
-    returns the method's result, or None where it does not apply (the plain method then runs)."""
+    """Marks a kernel function in its module (documentation only: `KERNELS` is what dispatches)."""
 
-    def add(kernel: Kernel) -> Kernel:
-        _kernels[name] = kernel
-        return kernel
+    def mark(function: Kernel) -> Kernel:
+        return function
 
-    return add
+    return mark
 
 
 def fast_path(name: str) -> Callable[[F], F]:
@@ -48,9 +65,8 @@ def fast_path(name: str) -> Callable[[F], F]:
     def wrap(method: F) -> F:
         @functools.wraps(method)
         def dispatch(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            kernel = _kernels.get(name)
-            if kernel is not None and enabled():
-                out = kernel(module, *args, **kwargs)
+            if enabled():
+                out = kernel(name)(module, *args, **kwargs)
                 if out is not None:
                     return out
             return method(module, *args, **kwargs)

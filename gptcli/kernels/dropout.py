@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from gptcli.kernels.dispatch import DropoutRng, dropout_rng, register
+from gptcli.kernels.dispatch import DropoutRng, dropout_rng
 
 
 def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device, rng: DropoutRng = "exact"
@@ -54,7 +54,6 @@ class _Dropout(torch.autograd.Function):
         return grad.masked_fill(dropped, 0.0).mul_(ctx.scale), None, None
 
 
-@register("dropout")
 def dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor | None:
     """Training on CPU with autograd: `_Dropout`; otherwise None (the plain module)."""
     if not module.training or module.p == 0.0:

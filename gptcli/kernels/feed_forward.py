@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from gptcli.kernels.dispatch import autocast_dtype, register
+from gptcli.kernels.dispatch import autocast_dtype
 
 if TYPE_CHECKING:
     from gptcli.model import FeedForward
@@ -44,7 +44,6 @@ class _FeedForward(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-@register("feed_forward")
 def feed_forward(module: FeedForward, x: torch.Tensor) -> torch.Tensor | None:
     fc, proj = module.fc, module.proj
     if (

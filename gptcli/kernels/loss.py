@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gptcli.kernels.dispatch import autocast_dtype, register
+from gptcli.kernels.dispatch import autocast_dtype
 
 if TYPE_CHECKING:
     from gptcli.model import GPT
@@ -114,7 +114,6 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         return _LMHeadLoss.apply(hidden, weight, targets, dtype, want_grad, ignore_index)
 
 
-@register("lm_head_loss")
 def model_loss(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
     """`GPT.loss` for (batch, seq, emb) final hidden states and (batch, seq) targets; None for an
     output layer whose weight is not a float matrix (gptcli.quantize's int8 layers)."""
