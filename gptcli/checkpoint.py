@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli.config import GPTConfig
+from gptcli.durable import atomic_write, current_umask
 from gptcli.errors import GptcliError
 from gptcli.paths import RUNS_DIR
 
@@ -24,47 +23,6 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.safetensors"
 FORMAT = "gptcli"
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`.
-
-    A crash or Ctrl-C part-way leaves the previous file untouched and no partial file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file normal permissions
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss only once the directory is synced
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it: it is put straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from gptcli import durable
 from gptcli.choices import GPT2_SIZES
+from gptcli.durable import fsync_path
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import cache_dir, check_can_create, tokenizer_cache_dir, verdict_cache_path
 from gptcli.tokenizer import ENCODER_JSON, ENCODER_JSON_SHA256, VOCAB_BPE, VOCAB_BPE_SHA256
@@ -389,7 +391,8 @@ def fetch_one(ctx: _Context, remote: Remote, want_sha256: bool = True) -> Fetche
         except OSError as exc:  # the local side: a full disk, no permission, an unreadable mirror
             raise GptcliError(f"cannot fetch {remote.name} into {part}: {exc.strerror or exc}") from None
         digest = _verify(remote, part, url)
-        os.replace(part, remote.dest)
+        fsync_path(part)
+        durable.replace(part, remote.dest)
         size = remote.dest.stat().st_size
         ctx.emit(FetchEvent("done", remote.name, url, size, size))
         return Fetched(remote.name, remote.dest, size, digest, url)

@@ -231,13 +231,13 @@ class _Output:
         return self.train.documents + self.val.documents if mode == "document" else self.train.documents
 
     def commit(self, meta: dict[str, Any]) -> None:
-        from gptcli.checkpoint import atomic_write_text
+        from gptcli import durable
 
-        self.train.close()
+        self.train.close()  # fsyncs
         self.val.close()
-        os.replace(self.val.tmp, self.val.path)
-        os.replace(self.train.tmp, self.train.path)
-        atomic_write_text(self.dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        durable.replace(self.val.tmp, self.val.path)
+        durable.replace(self.train.tmp, self.train.path)
+        durable.atomic_write_text(self.dir / META_FILE, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
 
     def discard(self) -> None:
         self.train.discard()

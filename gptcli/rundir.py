@@ -26,7 +26,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gptcli.checkpoint import MODEL_FILE, current_umask
+from gptcli.checkpoint import MODEL_FILE
+from gptcli.durable import current_umask, fsync_path, replace_symlink
 from gptcli.errors import GptcliError, UsageError
 
 CHECKPOINTS = "checkpoints"
@@ -50,23 +51,6 @@ def save_point() -> None:
     _save_points += 1
     if _save_points == int(target):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_symlink(link: Path, target: str) -> None:
-    """Point `link` at `target` atomically (a new link renamed over the old), durably."""
-    tmp = link.parent / f".{link.name}.link.tmp"
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-    fsync_path(link.parent, directory=True)
 
 
 def step_of(name: str) -> int | None:
