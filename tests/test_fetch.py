@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from gptcli import download
 from gptcli.cli import app
-from gptcli.download import FetchEvent, Origins, RetryPolicy
+from gptcli.download import Origins
 from gptcli.errors import GptcliError
+from gptcli.transfer import NET_CHUNK_SIZE, FetchEvent, RetryPolicy
 from tests.conftest import BPE_DIR, OPENAI_TINY, VERDICT
 
 runner = CliRunner()
@@ -202,8 +203,8 @@ def test_connection_cut_mid_file_resumes_with_range(server: Server, dest: Path) 
     assert ranges[0] is None and len(ranges) == 3
     first, second = (int(r.removeprefix("bytes=").rstrip("-")) for r in ranges[1:])
     # Only an unfinished network read (< 64 KiB) is lost and fetched again.
-    assert 1_500_000 - download.NET_CHUNK_SIZE < first <= 1_500_000
-    assert first + 1_000_000 - download.NET_CHUNK_SIZE < second <= first + 1_000_000
+    assert 1_500_000 - NET_CHUNK_SIZE < first <= 1_500_000
+    assert first + 1_000_000 - NET_CHUNK_SIZE < second <= first + 1_000_000
     assert result[3].sha256 == sha256(data)
 
 

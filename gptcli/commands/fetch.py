@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import TaskID
 
-    from gptcli.download import FetchEvent
+    from gptcli.transfer import Fetched, FetchEvent, RetryPolicy
 
 
 def command(
@@ -64,11 +64,22 @@ def command(
         False, "--json", help="Print what was fetched (paths, bytes, sha256) as JSON on stdout."
     ),
 ) -> None:
-    import json
+    from gptcli.transfer import RetryPolicy
 
-    from gptcli import download
-    from gptcli.errors import EXIT_INTERRUPTED, GptcliError, UsageError
-    from gptcli.ui import console
+    _check_options(what, out, directory, convert)
+    policy = RetryPolicy(retries=retries, backoff=backoff, timeout=timeout)
+    results = _fetch(what, size, out, directory, mirror, policy, json_output)
+    converted = None
+    if convert:
+        from gptcli.commands._common import run_conversion
+
+        model_dir = results[0].path.parent
+        converted = run_conversion(model_dir, model_dir / "model.safetensors", "openai", "gptcli", True).output
+    _report(results, converted, json_output)
+
+
+def _check_options(what: str, out: Path | None, directory: Path | None, convert: bool) -> None:
+    from gptcli.errors import UsageError
 
     if out is not None and what != "verdict":
         raise UsageError("--out is for `fetch verdict`; use --dir for the other files")
@@ -76,32 +87,35 @@ def command(
         raise UsageError("`fetch verdict` takes --out FILE, not --dir")
     if convert and what != "gpt2":
         raise UsageError("--convert is for `fetch gpt2`")
-    policy = download.RetryPolicy(retries=retries, backoff=backoff, timeout=timeout)
+
+
+def _fetch(what: str, size: str, out: Path | None, directory: Path | None, mirror: str | None,
+           policy: RetryPolicy, want_sha256: bool) -> list[Fetched]:
+    """The files of `what`, with a progress bar each; Ctrl-C keeps the partial file for a resume."""
+    from gptcli import download
+    from gptcli.errors import EXIT_INTERRUPTED, GptcliError
+    from gptcli.ui import console
+
     renderer = _Renderer(console)
     try:
         with renderer:
             if what == "verdict":
-                results = [download.fetch_verdict(out, mirror, renderer.on_event, policy, want_sha256=json_output)]
-            elif what == "tokenizer":
-                results = download.fetch_tokenizer(
-                    directory, mirror, renderer.on_event, policy, want_sha256=json_output
-                )
-            else:
-                results = download.fetch_gpt2(
-                    size, directory, mirror, renderer.on_event, policy, want_sha256=json_output
-                )
+                return [download.fetch_verdict(out, mirror, renderer.on_event, policy, want_sha256=want_sha256)]
+            if what == "tokenizer":
+                return download.fetch_tokenizer(directory, mirror, renderer.on_event, policy, want_sha256=want_sha256)
+            return download.fetch_gpt2(size, directory, mirror, renderer.on_event, policy, want_sha256=want_sha256)
     except KeyboardInterrupt:
         raise GptcliError(
             "interrupted; the partial download is kept as a .part file, run the same command to resume",
             EXIT_INTERRUPTED,
         ) from None
 
-    converted = None
-    if convert:
-        from gptcli.commands._common import run_conversion
 
-        model_dir = results[0].path.parent
-        converted = run_conversion(model_dir, model_dir / "model.safetensors", "openai", "gptcli", True).output
+def _report(results: list[Fetched], converted: Path | None, json_output: bool) -> None:
+    """A summary line on stderr; with --json, what was fetched on stdout."""
+    import json
+
+    from gptcli.ui import console
 
     where = results[0].path.parent if len(results) > 1 else results[0].path
     fetched = sum(1 for r in results if not r.skipped)
@@ -110,19 +124,9 @@ def command(
         f"{len(results) - fetched} already complete)"
     )
     if json_output:
-        report: dict[str, object] = {
-            "files": [
-                {
-                    "name": r.name,
-                    "path": str(r.path),
-                    "bytes": r.bytes,
-                    "sha256": r.sha256,
-                    "url": r.url,
-                    "skipped": r.skipped,
-                }
-                for r in results
-            ],
-        }
+        files = [{"name": r.name, "path": str(r.path), "bytes": r.bytes, "sha256": r.sha256, "url": r.url,
+                  "skipped": r.skipped} for r in results]
+        report: dict[str, object] = {"files": files}
         if converted is not None:
             report["converted"] = str(converted)
         typer.echo(json.dumps(report, indent=2))
