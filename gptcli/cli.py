@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - typer that uses click itself
     from click import core as click_core  # type: ignore[no-redef]
     from click import exceptions as click_errors  # type: ignore[no-redef]
 
-from gptcli import __version__
+from gptcli import __version__, stdio
 from gptcli.commands import convert, evaluate, fetch, info, prepare, sample, train
 from gptcli.errors import EXIT_USAGE, GptcliError
 
@@ -140,8 +140,10 @@ class OneLineErrorsGroup(TyperGroup):
     ) -> Any:
         if not extra.pop("standalone_mode", True):
             return super().main(args, prog_name, standalone_mode=False, **extra)
+        stdio.guard_stdout()
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
+            stdio.flush_stdout()  # report a failed write of the results here, not at interpreter exit
         except _NO_ARGS_IS_HELP as exc:
             sys.exit(exc.exit_code)  # the help is already printed
         except click_errors.ClickException as exc:
@@ -149,7 +151,11 @@ class OneLineErrorsGroup(TyperGroup):
         except typer.Abort:
             _error("aborted", 1)
         except GptcliError as exc:
+            if isinstance(exc, stdio.StdoutError):
+                stdio.silence_stdout()  # what is still buffered cannot be written either
             _error(exc.message, exc.exit_code)
+        finally:
+            stdio.restore_stdout()
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click_core.Context) -> Any:

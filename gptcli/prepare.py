@@ -36,7 +36,7 @@ from gptcli import __version__
 from gptcli.choices import DECODE_ERRORS, SPLIT_MODES
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import check_can_create
-from gptcli.textinput import ChunkReader, Source, collect_sources
+from gptcli.textinput import ChunkReader, Source, collect_sources, stdin_bytes
 from gptcli.tokenfile import DTYPES, FORMAT, META_FILE, TRAIN_FILE, VAL_FILE, TokenFile, check_vocab_fits, move_tail
 from gptcli.tokenizer import EOT_ID
 
@@ -315,9 +315,7 @@ class _Tokenization:
 def _open_source(source: Source, stdin: BinaryIO | None) -> Iterator[BinaryIO]:
     """The document's bytes: its file (closed afterwards), or stdin."""
     if source.path is None:
-        import sys
-
-        yield stdin if stdin is not None else sys.stdin.buffer
+        yield stdin if stdin is not None else stdin_bytes()
         return
     try:
         handle = open(source.path, "rb")  # noqa: SIM115

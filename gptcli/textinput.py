@@ -31,16 +31,24 @@ def decode_utf8(raw: bytes, name: str) -> str:
         raise not_utf8(name, raw[exc.start], exc.start) from None
 
 
+def stdin_bytes() -> BinaryIO:
+    """stdin's byte stream, or a one-line error when the process was started without one."""
+    import sys
+
+    if sys.stdin is None:
+        raise GptcliError(f"cannot read {STDIN_NAME}: standard input is closed")
+    return sys.stdin.buffer
+
+
 def read_stdin_text() -> str:
     """All of stdin as strict UTF-8: the text stream's own decoding would let invalid bytes through
     as surrogates under a C locale (Python's surrogateescape)."""
     import sys
 
-    buffer = getattr(sys.stdin, "buffer", None)
-    if buffer is None:  # a replaced stdin without bytes underneath (already text)
-        return sys.stdin.read()
+    if sys.stdin is not None and getattr(sys.stdin, "buffer", None) is None:
+        return sys.stdin.read()  # a replaced stdin without bytes underneath (already text)
     try:
-        return decode_utf8(buffer.read(), STDIN_NAME)
+        return decode_utf8(stdin_bytes().read(), STDIN_NAME)
     except OSError as exc:
         raise GptcliError(f"cannot read {STDIN_NAME}: {exc.strerror}") from None
 

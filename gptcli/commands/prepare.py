@@ -47,12 +47,13 @@ def command(
 ) -> None:
     from gptcli.errors import EXIT_INTERRUPTED, GptcliError
     from gptcli.prepare import PrepareFinished, PrepareProgress, PrepareStarted, prepare
+    from gptcli.textinput import stdin_bytes
 
     finished: PrepareFinished | None = None
     view = _ProgressView(quiet)
     events = prepare(
         inputs, out, val_ratio=val_ratio, split_by=split_by, glob=glob, workers=workers, errors=errors,
-        force=force, stdin=sys.stdin.buffer if "-" in inputs else None,
+        force=force, stdin=stdin_bytes() if "-" in inputs else None,
     )
     try:
         for event in events:
