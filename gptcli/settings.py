@@ -29,6 +29,10 @@ Sampling = Literal["epochs", "random"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 InferenceDtype = Literal["auto", "fp32", "bf16", "int8"]  # sample and eval --dtype (gptcli.runtime)
 DropoutRng = Literal["exact", "fast"]
+# train --logger: experiment loggers beside metrics.jsonl (gptcli.loggers). Not a setting of the run:
+# they are not in run.json, and each invocation (a --resume too) picks its own.
+Logger = Literal["tensorboard", "wandb", "csv"]
+LOGGERS: tuple[str, ...] = get_args(Logger)
 
 # Settings that may change when a run is resumed; every other one is the run's for good.
 RESUMABLE = ("epochs", "max_steps", "save_every", "keep_checkpoints", "device", "plots", "strict_precision")

@@ -42,14 +42,13 @@ from typing import TYPE_CHECKING, Any
 from gptcli import __version__, jsonio, rundir
 from gptcli.checkpoint import (
     MODEL_FILE,
-    atomic_write,
-    atomic_write_text,
     load_config,
     load_weights,
     resolve_model_path,
 )
 from gptcli.config import GPTConfig
 from gptcli.distributed import Distributed, all_agree, init_distributed, leave_process_group, rank_dropout_rng
+from gptcli.durable import atomic_write, atomic_write_text
 from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.paths import RUNS_DIR
@@ -92,6 +91,7 @@ class StepDone:
     loss: float
     lr: float
     tokens_per_second: float
+    grad_norm: float  # the global gradient norm before clipping (for the experiment loggers)
 
 
 @dataclass
@@ -753,7 +753,7 @@ class Trainer:
         position.tokens_seen += self.tokens_per_step
         step = position.steps_done - 1  # the chapter counts steps from 0
         speed = self.tokens_per_step / (time.perf_counter() - started)
-        yield StepDone(position.epoch + 1, step, position.tokens_seen, loss, lr, speed)
+        yield StepDone(position.epoch + 1, step, position.tokens_seen, loss, lr, speed, grad_norm)
         if step % self.settings.eval_freq == 0:
             yield from self._evaluate(step, lr)
 

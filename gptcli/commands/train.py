@@ -10,15 +10,15 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from gptcli.config import PRESETS
-from gptcli.settings import DEFAULT_PRESET, DEFAULTS, Device, DropoutRng, Precision, Sampling, Schedule
+from gptcli.settings import DEFAULT_PRESET, DEFAULTS, LOGGERS, Device, DropoutRng, Precision, Sampling, Schedule
 
 D = DEFAULTS  # every default below is the settings' own
 
@@ -29,7 +29,7 @@ LOOP = "Evaluation, samples and checkpoints"
 RUNTIME = "Runtime and output"
 
 # Options that only steer this process (not settings of the run): free on --resume.
-RUNTIME_OPTIONS = {"json_output", "quiet", "resume", "threads", "nproc"}
+RUNTIME_OPTIONS = {"json_output", "quiet", "resume", "threads", "nproc", "logger"}
 MODEL_OPTIONS = ("context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "vocab_size",
                  "tie_weights")
 
@@ -58,11 +58,19 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
+def _check_loggers(values: list[str] | None) -> list[str]:
+    """--logger's choices (typer takes no list of Literal values): a usage error as typer's own."""
+    for value in values or []:
+        if value not in LOGGERS:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, LOGGERS))}.")
+    return values or []
+
+
 def command(
     ctx: typer.Context,
     corpus: str | None = typer.Argument(
         None, help="UTF-8 text file, or a directory made by `gptcli prepare`. Default: the chapter's "
-        "the-verdict.txt, downloaded once into gptcli's cache.", show_default=False,
+        "the-verdict.txt, bundled with gptcli (no download).", show_default=False,
     ),
     preset: str = typer.Option(
         DEFAULT_PRESET, help=f"Model shape preset: {', '.join(PRESETS)} (aliases gpt2, gpt2-small, gpt2-medium, "
@@ -171,6 +179,15 @@ def command(
         None, help="Train with this many local processes (DDP, launched through torch's own launcher, "
         "torchrun).", rich_help_panel=RUNTIME,
     ),
+    logger: list[str] | None = typer.Option(
+        None, "--logger", show_default=False, rich_help_panel=RUNTIME, metavar=f"[{'|'.join(LOGGERS)}]",
+        callback=_check_loggers,
+        help="Also log to an experiment tracker; repeatable (--logger tensorboard --logger csv). Each evaluation as "
+        "in metrics.jsonl, each step's loss, lr, tokens/s and gradient norm, each epoch's sample. tensorboard: "
+        "RUN/tensorboard/ (needs the tensorboard extra of gptcli); wandb: RUN/wandb/, offline unless WANDB_API_KEY "
+        "or WANDB_MODE is set (needs the wandb extra); csv: RUN/metrics.csv and RUN/steps.csv. May change on "
+        "--resume, which continues the same logs.",
+    ),
     json_output: bool = typer.Option(
         False, "--json", help="One JSON object per evaluation on stdout (and nothing else there).",
         rich_help_panel=RUNTIME,
@@ -183,6 +200,11 @@ def command(
     if corpus == "-":
         raise UsageError("train does not read stdin (it passes over the text many times); save the text to a "
                          "file, or tokenize it with `gptcli prepare - --out DIR` and train on DIR")
+    loggers = list(logger or [])
+    if loggers:  # a missing extra stops here, before anything is read or written
+        from gptcli.loggers import check_available
+
+        check_available(loggers)
     if nproc is not None:
         from gptcli.distributed import launch
 
@@ -195,7 +217,7 @@ def command(
 
         set_threads(threads)
         settings = _resumed(ctx, resume) if resume is not None else _new_settings(ctx)
-        _train(settings, resume is not None, quiet, json_output, main_rank)
+        _train(settings, resume is not None, quiet, json_output, main_rank, loggers)
 
 
 def _resumed(ctx: typer.Context, resume: Path) -> Any:
@@ -252,9 +274,9 @@ def _new_settings(ctx: typer.Context) -> Any:
                              init=init, **fields)
     settings.validate()
     if corpus is None:
-        from gptcli.download import ensure_verdict
+        from gptcli.assets import VERDICT
 
-        settings.corpus = str(ensure_verdict())
+        settings.corpus = str(VERDICT)
     return settings
 
 
@@ -316,18 +338,26 @@ def _show(view: Any, event: Any, json_output: bool) -> None:
         view.start(event)
 
 
-def _train(settings: Any, resume: bool, quiet: bool, json_output: bool, main_rank: bool) -> None:
+def _train(
+    settings: Any, resume: bool, quiet: bool, json_output: bool, main_rank: bool, loggers: Sequence[str]
+) -> None:
+    """Run training, showing its events and feeding them to the experiment `loggers` (under torchrun
+    rank 0's only). The loggers close after the summary, even when the run fails."""
     from gptcli import ui
     from gptcli.errors import GptcliError
+    from gptcli.loggers import Loggers
     from gptcli.train import RunFinished, train
 
     view = ui.TrainView(quiet=quiet)
     finished: RunFinished | None = None
-    with _StopSignals(announce=main_rank) as stop:
+    sinks = Loggers(loggers if main_rank else [], quiet=quiet)
+    with _StopSignals(announce=main_rank) as stop, closing(sinks):
         try:
             for event in train(settings, resume=resume, stop_requested=lambda: stop.requested is not None):
+                sinks.handle(event)
                 if isinstance(event, RunFinished):
                     finished = event
+                    finished.files += sinks.files
                 else:
                     _show(view, event, json_output)
         except KeyboardInterrupt:
