@@ -15,8 +15,8 @@ base URLs and use this layout::
     <mirror>/<size>/<file>             (124M/model.ckpt.index, ...)
     <mirror>/SHA256SUMS                (optional, `sha256sum` format, paths as above)
 
-A mirror may hold other files than OpenAI's (test fixtures), so on a mirror only the
-Content-Length and the mirror's own SHA256SUMS are checked.
+A mirror may hold other files than OpenAI's (test fixtures): one with a SHA256SUMS is checked against
+it (and the Content-Length); one without is held to the known sizes and hashes of the official files.
 """
 
 from __future__ import annotations
@@ -173,10 +173,11 @@ def _remote(
 ) -> Remote:
     """`relative` is the path below each base; `name` the path below a mirror's root."""
     urls = tuple(join_location(base, relative) for base in bases)
-    if origins.official:
+    sums = _mirror_sums(ctx, origins.root) if origins.root and not origins.official else None
+    if sums is None:  # official URLs, or a mirror that says nothing: what gptcli knows of the file
         return Remote(name, urls, dest, KNOWN_SIZES.get(name), KNOWN_SHA256.get(name))
-    sums = _mirror_sums(ctx, origins.root) if origins.root else None
-    return Remote(name, urls, dest, None, (sums or {}).get(name))
+    # A mirror's own SHA256SUMS wins: it may hold other files under these names (small fixtures).
+    return Remote(name, urls, dest, None, sums.get(name))
 
 
 def verdict_remote(ctx: FetchContext, origins: Origins, dest: Path) -> Remote:

@@ -8,9 +8,10 @@ directories work the same way (mirrors). Nothing here prints: progress goes to a
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -26,6 +27,8 @@ CHUNK_SIZE = 1 << 20
 # Bytes of a network read; what was received of an unfinished read is lost when the connection
 # breaks, so this bounds what a resume has to fetch again.
 NET_CHUNK_SIZE = 1 << 16
+# Bytes at the end of an earlier `.part` fetched again and compared before it is resumed.
+RESUME_CHECK = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -133,45 +136,23 @@ def _transfer_http(ctx: FetchContext, remote: Remote, url: str, part: Path) -> N
     import requests
 
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    start = max(0, have - RESUME_CHECK)
+    headers = {"Range": f"bytes={start}-"} if have else {}
     try:
         response = ctx.http().get(url, headers=headers, stream=True, timeout=ctx.policy.timeout)
     except requests.RequestException as exc:
         raise _Transient(describe_error(exc)) from None
     with response:
-        status = response.status_code
-        if status == 416 and have:
-            # The range starts at or past the end: the .part may already be whole.
-            match = re.match(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
-            if match and int(match.group(1)) == have:
-                return
-            part.unlink()
-            raise _Transient("the partial download does not fit the file on the server; restarting")
-        if status >= 500:
-            raise _Transient(f"HTTP {status} {response.reason}")
-        if status >= 400:
-            raise _Permanent(f"HTTP {status} {response.reason}")
-        total: int | None
-        if status == 206 and have:
-            match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
-            if not match or int(match.group(1)) != have:
-                part.unlink()
-                raise _Transient("the server answered the range request with a different range; restarting")
-            total = int(match.group(2)) if match.group(2) != "*" else None
-            mode = "ab"
-        else:
-            # A plain 200: the server ignored the Range header (or there was none), so start over.
-            have, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
+        total, chunks, mode = _open_body(response, part, have, start)
         if remote.size is not None and total is not None and total != remote.size:
             part.unlink(missing_ok=True)
             raise _Permanent(f"{total} bytes, but {remote.name} is known to be {remote.size} bytes")
+        have = have if mode == "ab" else 0
         ctx.emit(FetchEvent("start", remote.name, url, have, total))
         part.parent.mkdir(parents=True, exist_ok=True)  # only now: a failed connection creates nothing
         with open(part, mode) as handle:
             try:
-                for chunk in response.iter_content(NET_CHUNK_SIZE):
+                for chunk in chunks:
                     handle.write(chunk)
                     have += len(chunk)
                     ctx.emit(FetchEvent("progress", remote.name, url, have, total))
@@ -181,13 +162,55 @@ def _transfer_http(ctx: FetchContext, remote: Remote, url: str, part: Path) -> N
             raise _Transient(f"connection closed after {have} of {total} bytes")
 
 
+def _open_body(
+    response: requests.Response, part: Path, have: int, start: int
+) -> tuple[int | None, Iterator[bytes], str]:
+    """The file's total size, the chunks still to write and the `.part`'s open mode, from the answer
+    to a request for `bytes=start-` (or the whole file when there is no `.part`)."""
+    status = response.status_code
+    if status >= 500:
+        raise _Transient(f"HTTP {status} {response.reason}")
+    if status >= 400 and status != 416:
+        raise _Permanent(f"HTTP {status} {response.reason}")
+    chunks = response.iter_content(NET_CHUNK_SIZE)
+    if status in (206, 416) and have:
+        match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+        if status == 416 or not match or int(match.group(1)) != start:
+            part.unlink()
+            raise _Transient("the server answered the range request with a different range; restarting")
+        total = int(match.group(2)) if match.group(2) != "*" else None
+        return total, _after_overlap(chunks, part, have, start, total), "ab"
+    # A plain 200: the server ignored the Range header (or there was none), so start over.
+    length = response.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None, chunks, "wb"
+
+
+def _after_overlap(
+    chunks: Iterator[bytes], part: Path, have: int, start: int, total: int | None
+) -> Iterator[bytes]:
+    """The chunks past the `.part`'s end, once the bytes it already holds from `start` on are found
+    equal to the source's: a `.part` that was cut, appended to or altered is not resumed."""
+    with open(part, "rb") as handle:
+        handle.seek(start)
+        tail = handle.read()
+    received = bytearray()
+    for chunk in chunks:
+        received += chunk
+        if len(received) >= len(tail):
+            break
+    if (total is not None and have > total) or bytes(received[: len(tail)]) != tail:
+        part.unlink()
+        raise _Transient("the partial download does not match the file at the source; restarting")
+    return itertools.chain([bytes(received[len(tail):])], chunks)
+
+
 def _transfer_local(ctx: FetchContext, remote: Remote, source: str, part: Path) -> None:
     path = Path(source)
     if not path.is_file():
         raise _Permanent("no such file")
     total = path.stat().st_size
     have = part.stat().st_size if part.exists() else 0
-    if have > total:
+    if have and not _same_tail(part, path, have):
         part.unlink()
         have = 0
     ctx.emit(FetchEvent("start", remote.name, source, have, total))
@@ -200,6 +223,17 @@ def _transfer_local(ctx: FetchContext, remote: Remote, source: str, part: Path) 
             ctx.emit(FetchEvent("progress", remote.name, source, have, total))
     if have != total:
         raise _Transient(f"read {have} of {total} bytes")
+
+
+def _same_tail(part: Path, source: Path, have: int) -> bool:
+    """Whether the last bytes of the `.part` equal the source's at the same place (see _after_overlap)."""
+    if have > source.stat().st_size:
+        return False
+    start = max(0, have - RESUME_CHECK)
+    with open(part, "rb") as mine, open(source, "rb") as theirs:
+        mine.seek(start)
+        theirs.seek(start)
+        return mine.read() == theirs.read(have - start)
 
 
 def describe_error(exc: BaseException) -> str:

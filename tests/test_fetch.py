@@ -20,7 +20,7 @@ from gptcli import download
 from gptcli.cli import app
 from gptcli.download import Origins
 from gptcli.errors import GptcliError
-from gptcli.transfer import NET_CHUNK_SIZE, FetchEvent, RetryPolicy
+from gptcli.transfer import NET_CHUNK_SIZE, RESUME_CHECK, FetchEvent, RetryPolicy
 from tests.conftest import BPE_DIR, OPENAI_TINY, VERDICT
 
 runner = CliRunner()
@@ -115,8 +115,13 @@ def dest(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
-    state = Server(mirror_layout())
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The test files in the mirror layout, with a SHA256SUMS of them (the fixtures are not OpenAI's
+    files, whose known sizes a mirror without one is held to)."""
+    files = mirror_layout()
+    sums = tmp_path_factory.mktemp("sums") / "SHA256SUMS"
+    sums.write_text("".join(f"{sha256(path)}  {name}\n" for name, path in files.items()))
+    state = Server({**files, "SHA256SUMS": sums})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     state.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
@@ -142,7 +147,8 @@ def local_mirror(tmp_path: Path, sums: bool = True, bad: str | None = None) -> P
 
 def origins_for(server: Server, *roots: str, official: bool = False) -> Origins:
     bases = tuple(server.url(r) for r in roots)
-    return Origins(models=bases, encodings=tuple(f"{b}/encodings" for b in bases), verdict=bases, official=official)
+    return Origins(models=bases, encodings=tuple(f"{b}/encodings" for b in bases), verdict=bases, official=official,
+                   root=None if official else bases[0])
 
 
 def last_line(text: str) -> str:
@@ -201,10 +207,12 @@ def test_connection_cut_mid_file_resumes_with_range(server: Server, dest: Path) 
     assert data.read_bytes() == (OPENAI_TINY / "model.ckpt.data-00000-of-00001").read_bytes()
     ranges = server.requested(DATA)
     assert ranges[0] is None and len(ranges) == 3
-    first, second = (int(r.removeprefix("bytes=").rstrip("-")) for r in ranges[1:])
+    # Each resume asks for the .part's last RESUME_CHECK bytes again (compared, not rewritten).
+    first, second = (int(r.removeprefix("bytes=").rstrip("-")) + RESUME_CHECK for r in ranges[1:])
     # Only an unfinished network read (< 64 KiB) is lost and fetched again.
     assert 1_500_000 - NET_CHUNK_SIZE < first <= 1_500_000
-    assert first + 1_000_000 - NET_CHUNK_SIZE < second <= first + 1_000_000
+    new_bytes = 1_000_000 - RESUME_CHECK
+    assert first + new_bytes - NET_CHUNK_SIZE < second <= first + new_bytes
     assert result[3].sha256 == sha256(data)
 
 
@@ -213,7 +221,7 @@ def test_server_ignoring_range_restarts_from_zero(server: Server, dest: Path) ->
     (dest / "hparams.json.part").write_bytes(b"X" * 40)  # stale: must not end up in the file
     server.faults["124M/hparams.json"] = ["ignore-range"]
     download.fetch_gpt2("124M", dest, policy=FAST, origins=origins_for(server, ""))
-    assert server.requested("124M/hparams.json") == ["bytes=40-"]
+    assert server.requested("124M/hparams.json") == ["bytes=0-"]  # the .part's tail is checked first
     assert (dest / "hparams.json").read_bytes() == (OPENAI_TINY / "hparams.json").read_bytes()
 
 
@@ -222,7 +230,7 @@ def test_a_complete_part_is_finished_without_downloading_again(server: Server, d
     dest.mkdir()
     (dest / "the-verdict.txt.part").write_bytes(VERDICT.read_bytes())
     fetched = download.fetch_verdict(dest / "the-verdict.txt", policy=FAST, origins=origins_for(server, ""))
-    assert server.requested("the-verdict.txt") == [f"bytes={VERDICT.stat().st_size}-"]
+    assert server.requested("the-verdict.txt") == [f"bytes={VERDICT.stat().st_size - RESUME_CHECK}-"]
     assert fetched.sha256 == download.VERDICT_SHA256 and leftovers(dest) == ["the-verdict.txt"]
 
 
@@ -278,7 +286,7 @@ def test_ctrl_c_leaves_a_resumable_part(server: Server, dest: Path) -> None:
 
     server.log.clear()
     download.fetch_gpt2("124M", dest, origins=origins, policy=FAST)
-    assert server.requested(DATA) == [f"bytes={have}-"]
+    assert server.requested(DATA) == [f"bytes={max(0, have - RESUME_CHECK)}-"]
     assert sha256(dest / "model.ckpt.data-00000-of-00001") == sha256(OPENAI_TINY / "model.ckpt.data-00000-of-00001")
     assert not part.exists()
 
@@ -371,3 +379,39 @@ def test_fetch_convert_sample_end_to_end_on_a_local_mirror(tmp_path: Path) -> No
 def test_usage_errors(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr, result.output
+
+
+def _altered_part(dest: Path, name: str, source: Path) -> Path:
+    """A `.part` whose start is right but which then holds bytes the source does not: resuming it
+    would give a file of the right size and the wrong content."""
+    dest.mkdir(exist_ok=True)
+    part = dest / f"{name}.part"
+    part.write_bytes(source.read_bytes()[:40] + b"X" * 20)
+    return part
+
+
+def test_an_altered_part_is_not_resumed_over_http(server: Server, dest: Path) -> None:
+    # A mirror without SHA256SUMS, and a file gptcli knows no hash of: only the tail check can tell.
+    base = server.url()
+    origins = Origins(models=(base,), encodings=(f"{base}/encodings",), verdict=(base,), official=False)
+    _altered_part(dest, "hparams.json", OPENAI_TINY / "hparams.json")
+    with pytest.raises(GptcliError):  # the fixture's data file is not OpenAI's size: known facts apply
+        download.fetch_gpt2("124M", dest, policy=FAST, origins=origins)
+    assert (dest / "hparams.json").read_bytes() == (OPENAI_TINY / "hparams.json").read_bytes()
+
+
+def test_an_altered_part_is_not_resumed_from_a_local_mirror(tmp_path: Path, dest: Path) -> None:
+    mirror = local_mirror(tmp_path, sums=False)
+    _altered_part(dest, "hparams.json", OPENAI_TINY / "hparams.json")
+    with pytest.raises(GptcliError):  # the fixture's data file is not OpenAI's size: known facts apply
+        download.fetch_gpt2("124M", dest, mirror=str(mirror), policy=FAST)
+    assert (dest / "hparams.json").read_bytes() == (OPENAI_TINY / "hparams.json").read_bytes()
+
+
+def test_a_mirror_without_sums_is_held_to_the_known_hashes(tmp_path: Path, dest: Path) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "the-verdict.txt").write_bytes(VERDICT.read_bytes()[:-1] + b"!")  # same size, other text
+    with pytest.raises(GptcliError, match="has sha256 .*, expected b41e41a68f03"):
+        download.fetch_verdict(dest / "v.txt", mirror=str(mirror), policy=FAST)
+    assert leftovers(dest) == []
