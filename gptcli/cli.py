@@ -169,7 +169,9 @@ class OneLineErrorsGroup(TyperGroup):
 
 
 def _error(message: str, exit_code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from gptcli.paths import display_path
+
+    typer.echo(f"error: {display_path(message)}", err=True)  # file names that are not UTF-8 as \xff
     sys.exit(exit_code)
 
 

@@ -36,3 +36,9 @@ def check_can_create(path: str | Path) -> None:
             if not parent.is_dir():
                 raise UsageError(f"cannot write {path}: {parent} is a file, not a directory")
             return
+
+
+def display_path(path: str | Path) -> str:
+    """`path` as text that can always be printed and written as UTF-8: bytes of the file name that
+    are not UTF-8 (Python keeps them as lone surrogates) are shown as `\\xff` escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -5,6 +5,7 @@ GPT-2 tokens (see `safe_cut`)."""
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import re
 from collections.abc import Iterator, Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gptcli.errors import GptcliError, UsageError
+from gptcli.paths import display_path
 
 STDIN = "-"  # how stdin is named on the command line
 STDIN_NAME = "<stdin>"
@@ -66,7 +68,7 @@ def read_text_file(path: str | Path) -> str:
         raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
     text = decode_utf8(raw, str(path))
     if not text.strip():
-        raise GptcliError(f"{path} is empty")
+        raise UsageError(f"{path} is empty")  # bad input, as an empty stdin is
     return text
 
 
@@ -117,7 +119,7 @@ def collect_sources(inputs: Sequence[str | Path], glob: str = "*.txt", exclude: 
             size = path.stat().st_size
         except OSError as exc:
             raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
-        sources.append(Source(str(path), path, size))
+        sources.append(Source(display_path(path), path, size))
 
     for item in inputs:
         if str(item) == STDIN:
@@ -129,11 +131,22 @@ def collect_sources(inputs: Sequence[str | Path], glob: str = "*.txt", exclude: 
                 add(p)
         elif path.is_file():
             add(path)
-        elif path.exists():
-            raise GptcliError(f"{path} is neither a file nor a directory")
         else:
-            raise GptcliError(f"input not found: {path}")
+            raise GptcliError(_unreadable_input(path))
     return sources
+
+
+def _unreadable_input(path: Path) -> str:
+    """What is wrong with an input that is neither a file nor a directory."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop"
+        if path.is_symlink():
+            return f"{path} is a symbolic link to nothing (its target is missing)"
+        return f"input not found: {path}" if exc.errno == errno.ENOENT else f"cannot read {path}: {exc.strerror}"
+    return f"{path} is neither a file nor a directory"
 
 
 def _files_under(directory: Path, glob: str, excluded: Path | None) -> list[Path]:
