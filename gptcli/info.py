@@ -3,7 +3,9 @@
 Reads every format gptcli reads (a gptcli `.safetensors`, a run directory, OpenAI's release
 directory, a Hugging Face directory, the book's `.pth` or chapter-keyed `.safetensors`, a GGUF
 written by gptcli) without building the model: the config comes from the files' metadata or shapes,
-the parameter counts from the config. Returns plain JSON-ready dicts; never prints.
+the parameter counts from the config. What a file holds is each format module's `describe` (see
+`gptcli.formats.registry`); run directories and the report are this module's. Returns plain
+JSON-ready dicts; never prints.
 
 Run directories are read in both layouts: the model and `trainer.json` at the top of the run, or
 `model.safetensors` a link into `checkpoints/step-NNNNNN/` that holds `trainer.json` beside it.
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError
+from gptcli.formats.gptcli import saved_at
+from gptcli.formats.plan import Description, ReadOptions
+from gptcli.formats.registry import FORMATS, detect_format
+from gptcli.formats.safetensors_io import safetensors_dtypes
 
 LAST_EVALUATIONS = 5
 
@@ -45,40 +50,28 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _mtime(path: Path) -> str:
-    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).isoformat(timespec="seconds")
-
-
-def _safetensors_dtypes(paths: list[Path]) -> list[str]:
-    from safetensors import safe_open
-
-    dtypes: set[str] = set()
-    for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
-            dtypes.update(str(handle.get_slice(name).get_dtype()) for name in handle.keys())
-    return sorted(dtypes)
-
-
-def _report(source: Path, kind: str, config: GPTConfig, files: list[Path], dtypes: list[str], origin: dict) -> dict:
+def _report(source: Path, kind: str, found: Description) -> dict[str, Any]:
     return {
         "path": str(source),
         "format": kind,
-        "files": [str(f) for f in files],
-        "file_bytes": sum(f.stat().st_size for f in files),
-        "dtype": dtypes,
-        "config": config.to_dict(),
-        "parameters": parameter_counts(config),
-        "origin": origin,
+        "files": [str(f) for f in found.files],
+        "file_bytes": sum(f.stat().st_size for f in found.files),
+        "dtype": found.dtypes,
+        "config": found.config.to_dict(),
+        "parameters": parameter_counts(found.config),
+        "origin": found.origin,
     }
+
+
+def is_run_dir(source: Path) -> bool:
+    return source.is_dir() and any((source / name).exists() for name in ("run.json", "trainer.json", "checkpoints"))
 
 
 def detect_kind(source: Path) -> str:
     """run, gguf, or one of convert's source formats (gptcli, openai, hf, book)."""
-    from gptcli.convert import detect_format
-
-    if source.suffix == ".gguf":
+    if FORMATS["gguf"].detect(source):
         return "gguf"
-    if source.is_dir() and any((source / name).exists() for name in ("run.json", "trainer.json", "checkpoints")):
+    if is_run_dir(source):
         return "run"
     return detect_format(source)
 
@@ -89,25 +82,11 @@ def model_info(source: str | Path, n_heads: int | None = None) -> dict[str, Any]
     if not source.exists() and not Path(f"{source}.index").exists():
         raise GptcliError(f"not found: {source}")
     kind = detect_kind(source)
-    readers = {"run": run_info, "gguf": gguf_info, "gptcli": gptcli_info, "openai": openai_info, "hf": hf_info}
-    report = book_info(source, n_heads) if kind == "book" else readers[kind](source)
-    return _finite(report)
-
-
-def gptcli_info(source: Path) -> dict[str, Any]:
-    from gptcli.checkpoint import load_config, read_metadata, resolve_model_path
-
-    path = resolve_model_path(source)
-    metadata = read_metadata(path)
-    origin: dict[str, Any] = {}
-    if "converted_from" in metadata:
-        origin["converted_from"] = metadata["converted_from"]
-    if "step" in metadata:
-        origin["step"] = int(metadata["step"])
-    if "book_optimizer_steps" in metadata:
-        origin["book_optimizer_steps"] = int(metadata["book_optimizer_steps"])
-    origin["saved"] = _mtime(path)
-    return _report(source, "gptcli", load_config(path), [path], _safetensors_dtypes([path]), origin)
+    if kind == "run":
+        return _finite(_report(source, kind, describe_run(source)))
+    # Checksums are for conversions: describing reads no tensor data.
+    found = FORMATS[kind].describe(source, ReadOptions(verify_checksums=False, n_heads=n_heads))
+    return _finite(_report(source, kind, found))
 
 
 def _run_trainer_state(run_dir: Path, model_file: Path) -> dict[str, Any]:
@@ -123,7 +102,7 @@ def _run_trainer_state(run_dir: Path, model_file: Path) -> dict[str, Any]:
     return {}
 
 
-def run_info(run_dir: Path) -> dict[str, Any]:
+def describe_run(run_dir: Path) -> Description:
     """A training run: its model (the last checkpoint), settings, progress and evaluations."""
     from gptcli.checkpoint import load_config, resolve_model_path
     from gptcli.settings import RUN_FILE, TrainSettings
@@ -140,65 +119,9 @@ def run_info(run_dir: Path) -> dict[str, Any]:
         "steps": trainer.get("steps_done"),
         "tokens_seen": trainer.get("tokens_seen"),
         "best_val_loss": trainer.get("best_val_loss"),
-        "last_checkpoint": _mtime(model_file.resolve()),
+        "last_checkpoint": saved_at(model_file.resolve()),
         "checkpoint": str(model_file.resolve()),
         "last_evaluations": read_metrics(run_dir)[-LAST_EVALUATIONS:],
     }
-    dtypes = _safetensors_dtypes([model_file])
-    return _report(run_dir, "run", load_config(model_file), [model_file.resolve()], dtypes, origin)
-
-
-def openai_info(source: Path) -> dict[str, Any]:
-    from gptcli.convert import _TF_DTYPES as TF_DTYPES
-    from gptcli.convert import TensorBundle, _checkpoint_prefix, openai_plan
-
-    plan = openai_plan(source, verify_checksums=False)
-    if source.is_dir():
-        prefix = _checkpoint_prefix(source)
-    else:
-        prefix = source.with_suffix("") if source.suffix == ".index" else source
-    bundle = TensorBundle(prefix, verify_checksums=False)
-    files = [bundle.index_path] + [bundle.shard_path(i) for i in range(bundle.num_shards)]
-    dtypes = sorted({TF_DTYPES.get(e.dtype, (str(e.dtype), ""))[0] for e in bundle.entries.values()})
-    origin = {"source": "OpenAI's GPT-2 release (TensorFlow checkpoint)"}
-    return _report(source, "openai", plan.config, [f for f in files if f.is_file()], dtypes, origin)
-
-
-def hf_info(source: Path) -> dict[str, Any]:
-    from gptcli.convert import _hf_files, hf_plan
-
-    plan = hf_plan(source)
-    config_path, weights = _hf_files(source)
-    files = sorted(set(weights.values()))
-    hf = json.loads(config_path.read_text(encoding="utf-8"))
-    origin = {"source": "Hugging Face", "architectures": hf.get("architectures"), "model_type": hf.get("model_type")}
-    return _report(source, "hf", plan.config, [config_path, *files], _safetensors_dtypes(files), origin)
-
-
-def book_info(source: Path, n_heads: int | None) -> dict[str, Any]:
-    from gptcli.formats.book import BookSource, infer_config
-
-    book = BookSource(source)
-    config = infer_config(book, n_heads)
-    origin: dict[str, Any] = {"source": "the book's GPTModel state dict"}
-    if book.optimizer_steps is not None:
-        origin["optimizer_steps"] = book.optimizer_steps
-    dtypes = sorted({book.dtype(name) for name in book.shapes})
-    return _report(source, "book", config, [source], dtypes, origin)
-
-
-def gguf_info(source: Path) -> dict[str, Any]:
-    from gptcli.formats.gguf import FILE_TYPES, gguf_config, read_gguf
-
-    metadata, tensors = read_gguf(source)
-    config = gguf_config(source, metadata)
-    dtypes = sorted({t.tensor_type.name for t in tensors})
-    type_names = {code: name for name, code in FILE_TYPES.items()}
-    origin = {
-        "converted_from": metadata.get("gptcli.converted_from"),
-        "name": metadata.get("general.name"),
-        "architecture": metadata.get("general.architecture"),
-        "gguf_type": type_names.get(metadata.get("general.file_type", -1), "other"),
-        "tokenizer": metadata.get("tokenizer.ggml.model"),
-    }
-    return _report(source, "gguf", config, [source], dtypes, origin)
+    dtypes = safetensors_dtypes([model_file])
+    return Description(load_config(model_file), [model_file.resolve()], dtypes, origin)

@@ -61,7 +61,7 @@ def silence_stdout() -> None:
 def guard_stdout() -> None:
     """Install the guard on sys.stdout (once) for the rest of the process."""
     if not isinstance(sys.stdout, _GuardedStdout):
-        sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = _GuardedStdout(sys.stdout)
 
 
 def restore_stdout() -> None:

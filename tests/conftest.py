@@ -30,7 +30,7 @@ def openai_tiny_arrays() -> dict:
     against the sha256 of the array TensorFlow saved."""
     import numpy as np
 
-    from gptcli.convert import TensorBundle
+    from gptcli.formats.tfbundle import TensorBundle
 
     manifest = json.loads((OPENAI_TINY / "weights.sha256.json").read_text())["arrays"]
     bundle = TensorBundle(OPENAI_TINY / "model.ckpt")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from gptcli.checkpoint import load_model, read_metadata, save_model
 from gptcli.cli import app
 from gptcli.config import GPTConfig
-from gptcli.convert import TensorBundle, crc32c, unmask_crc
+from gptcli.formats.tfbundle import TensorBundle, crc32c, unmask_crc
 from tests.conftest import OPENAI_TINY, openai_tiny_arrays
 
 runner = CliRunner()
@@ -97,7 +97,7 @@ def test_bundle_reader_is_bit_exact_with_the_arrays() -> None:
 def test_crc32c() -> None:
     assert crc32c(b"123456789") == 0xE3069283  # the standard check value
     data = np.random.default_rng(0).integers(0, 256, 300_001, dtype=np.uint8).tobytes()
-    from gptcli.convert import _crc_register_py
+    from gptcli.formats.tfbundle import _crc_register_py
 
     assert crc32c(data) == _crc_register_py(0xFFFFFFFF, data) ^ 0xFFFFFFFF  # lane-parallel == serial
     assert unmask_crc(((0x12345678 >> 15 | 0x12345678 << 17) + 0xA282EAD8) & 0xFFFFFFFF) == 0x12345678
@@ -463,7 +463,7 @@ def make_release(directory: Path, hp: dict[str, int], **kwargs) -> dict[str, np.
 
 
 def test_our_writer_reproduces_the_tensorflow_fixture_entries(tmp_path: Path) -> None:
-    from gptcli.convert import read_table
+    from gptcli.formats.tfbundle import read_table
 
     entries = read_table(OPENAI_TINY / "model.ckpt.index")
     write_table(tmp_path / "copy.index", entries)
@@ -475,7 +475,7 @@ def test_synthetic_checkpoint_other_layouts(tmp_path: Path, dtype, conv_rank: in
     hp = {"n_vocab": 97, "n_ctx": 16, "n_embd": 8, "n_head": 2, "n_layer": 3}
     # A tiny block size spreads the index over many blocks with prefix-compressed keys.
     arrays = make_release(tmp_path / "rel", hp, dtype=dtype, conv_rank=conv_rank, block_size=128)
-    from gptcli.convert import read_table
+    from gptcli.formats.tfbundle import read_table
 
     assert len(read_table(tmp_path / "rel" / "model.ckpt.index")) == len(arrays) + 1
     result = invoke("convert", tmp_path / "rel", "--out", tmp_path / "m.safetensors")
@@ -521,3 +521,12 @@ def test_hf_sharded_checkpoint_and_pickle_refusal(tmp_path: Path) -> None:
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
     result = invoke("convert", pickled, "--out", tmp_path / "p.safetensors")
     assert result.exit_code == 1 and "pickle" in result.stderr
+
+
+def test_format_table_matches_the_commands_choices() -> None:
+    from gptcli.choices import SOURCE_FORMATS, TARGET_FORMATS
+    from gptcli.formats.registry import FORMATS, READERS, WRITERS
+
+    assert set(READERS) == set(SOURCE_FORMATS) - {"auto"}
+    assert set(WRITERS) == set(TARGET_FORMATS)
+    assert all(module.NAME == name for name, module in FORMATS.items())

@@ -25,16 +25,25 @@ import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from gptcli.checkpoint import model_shapes
 from gptcli.config import GPTConfig
+from gptcli.durable import atomic_write
 from gptcli.errors import GptcliError, UsageError
+from gptcli.formats.plan import (
+    ConversionPlan,
+    Description,
+    ProgressCallback,
+    ReadOptions,
+    TensorPlan,
+    WriteOptions,
+)
+from gptcli.formats.safetensors_io import write_safetensors_stream
 
-if TYPE_CHECKING:
-    from gptcli.convert import Plan
-
+NAME = "book"
 BOOK_DROP_RATE = 0.1  # the chapter's GPT_CONFIG_124M
 GPT2_HEADS = {768: 12, 1024: 16, 1280: 20, 1600: 25}  # GPT-2's released widths -> heads
 CONFIG_METADATA = "GPT_CONFIG"
@@ -261,13 +270,10 @@ def _check_keys(source: BookSource, config: GPTConfig) -> None:
             raise GptcliError(f"{source.path}: {name} has shape {list(shape)}, expected {list(expected[name])}")
 
 
-def book_plan(path: Path, n_heads: int | None = None) -> Plan:
+def read_plan(path: Path, options: ReadOptions) -> ConversionPlan:
     """A conversion plan reading the chapter's state dict (`.pth` or chapter-keyed `.safetensors`)."""
-    from gptcli.checkpoint import model_shapes
-    from gptcli.convert import Plan, TensorPlan
-
     source = BookSource(path)
-    config = infer_config(source, n_heads)
+    config = infer_config(source, options.n_heads)
     _check_keys(source, config)
     from_book = {g: c for c, g in _gptcli_pairs(config.n_layers)}
     tensors = []
@@ -278,7 +284,7 @@ def book_plan(path: Path, n_heads: int | None = None) -> Plan:
             tensors.append(TensorPlan(name, shape, _concat_loader(source, parts)))
         else:
             tensors.append(TensorPlan(name, shape, _named_loader(source, from_book[name])))
-    plan = Plan(config, tensors, str(path), "book")
+    plan = ConversionPlan(config, tensors, str(path), NAME)
     if source.optimizer_steps is not None:
         plan.extra["book_optimizer_steps"] = str(source.optimizer_steps)
         plan.notes.append(
@@ -307,14 +313,29 @@ def is_book_safetensors(path: Path) -> bool:
         return False
 
 
+def detect(path: Path) -> bool:
+    """A `.pth`/`.pt` file, or a `.safetensors` file with the chapter's keys."""
+    if not path.is_file():
+        return False
+    return path.suffix in (".pth", ".pt") or (path.suffix == ".safetensors" and is_book_safetensors(path))
+
+
+def describe(path: Path, options: ReadOptions) -> Description:
+    source = BookSource(path)
+    config = infer_config(source, options.n_heads)
+    origin: dict[str, Any] = {"source": "the book's GPTModel state dict"}
+    if source.optimizer_steps is not None:
+        origin["optimizer_steps"] = source.optimizer_steps
+    dtypes = sorted({source.dtype(name) for name in source.shapes})
+    return Description(config, [path], dtypes, origin)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing.
 
 
-def _book_tensors(plan: Plan) -> list[Any]:
+def _book_tensors(plan: ConversionPlan) -> list[TensorPlan]:
     """The plan's tensors under the chapter's names, in the chapter's state-dict order."""
-    from gptcli.convert import TensorPlan
-
     config = plan.config
     by_name = {t.name: t for t in plan.tensors}
     to_gptcli = dict(_gptcli_pairs(config.n_layers))
@@ -343,11 +364,8 @@ def _split_loader(load_fused: Callable[[], np.ndarray], part: int) -> Callable[[
     return lambda: np.ascontiguousarray(np.split(load_fused(), 3)[part])
 
 
-def write_book(plan: Plan, out: Path, on_tensor: Callable[[int, int, str], None] | None = None) -> Path:
+def write(plan: ConversionPlan, out: Path, options: WriteOptions, on_tensor: ProgressCallback | None = None) -> Path:
     """Write `plan` as a safetensors file with exactly the chapter's keys and shapes, atomically."""
-    from gptcli.checkpoint import atomic_write
-    from gptcli.convert import write_safetensors_stream
-
     if out.suffix != ".safetensors":
         raise UsageError(f"--to book writes a .safetensors file (load it with safetensors' load_file); got {out}")
     tensors = _book_tensors(plan)

@@ -24,18 +24,19 @@ import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from gptcli.choices import GGUF_TYPES
 from gptcli.config import GPTConfig
+from gptcli.durable import atomic_write
 from gptcli.errors import GptcliError, UsageError
+from gptcli.formats.plan import ConversionPlan, Description, ProgressCallback, ReadOptions, WriteOptions
 from gptcli.tokenizer import EOT_ID
+from gptcli.tokenizer import bpe_dir as find_bpe_dir
 
-if TYPE_CHECKING:
-    from gptcli.convert import Plan
-
+NAME = "gguf"
 ARCH = "gpt2"
 CONFIG_KEY = "gptcli.config"
 SOURCE_KEY = "gptcli.converted_from"
@@ -119,7 +120,7 @@ def _encode(array: np.ndarray, qtype: Any) -> np.ndarray:
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
 
 
-def _add_metadata(writer: Any, plan: Plan, gguf_type: str, name: str, bpe_dir: Path) -> None:
+def _add_metadata(writer: Any, plan: ConversionPlan, gguf_type: str, name: str, bpe_dir: Path) -> None:
     import gguf
 
     config = plan.config
@@ -145,7 +146,7 @@ def _add_metadata(writer: Any, plan: Plan, gguf_type: str, name: str, bpe_dir: P
     writer.add_string(SOURCE_KEY, plan.source_format)
 
 
-def _gguf_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+def _gguf_tensors(plan: ConversionPlan) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(llama.cpp name, shape, loader) for every tensor, a zero qkv bias added when the model has none."""
     by_name = {t.name: t for t in plan.tensors}
     out: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
@@ -158,22 +159,14 @@ def _gguf_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], Callable[[], n
     return out
 
 
-def write_gguf(
-    plan: Plan,
-    out: Path,
-    gguf_type: str = "f32",
-    bpe_dir: str | Path | None = None,
-    on_tensor: Callable[[int, int, str], None] | None = None,
-) -> Path:
+def write(plan: ConversionPlan, out: Path, options: WriteOptions, on_tensor: ProgressCallback | None = None) -> Path:
     """Write `plan` as a GGUF file for llama.cpp, atomically, one tensor in memory at a time."""
     import gguf
 
-    from gptcli.checkpoint import atomic_write
-    from gptcli.tokenizer import bpe_dir as find_bpe_dir
-
+    gguf_type = options.gguf_type
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"unknown --gguf-type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
-    directory = find_bpe_dir(bpe_dir)
+    directory = find_bpe_dir(options.gguf_bpe_dir)
     gpt2_vocab(directory, plan.config.vocab_size)  # fail on the tokenizer before any work
     tensors = _gguf_tensors(plan)
 
@@ -211,6 +204,10 @@ def _encoded_nbytes(shape: tuple[int, ...], qtype: Any) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Reading (for `gptcli info` and the tests).
+
+
+def detect(path: Path) -> bool:
+    return path.suffix == ".gguf"
 
 
 def _field_value(field: Any) -> Any:
@@ -262,3 +259,18 @@ def dequantized(tensor: Any) -> np.ndarray:
     array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     return np.asarray(array, dtype=np.float32).reshape(shape)
+
+
+def describe(path: Path, options: ReadOptions) -> Description:
+    metadata, tensors = read_gguf(path)
+    config = gguf_config(path, metadata)
+    dtypes = sorted({t.tensor_type.name for t in tensors})
+    type_names = {code: name for name, code in FILE_TYPES.items()}
+    origin = {
+        "converted_from": metadata.get(SOURCE_KEY),
+        "name": metadata.get("general.name"),
+        "architecture": metadata.get("general.architecture"),
+        "gguf_type": type_names.get(metadata.get("general.file_type", -1), "other"),
+        "tokenizer": metadata.get("tokenizer.ggml.model"),
+    }
+    return Description(config, [path], dtypes, origin)
