@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptcli.config import GPTConfig
+from gptcli.config import GPTConfig, model_shapes
 from gptcli.durable import atomic_write, current_umask
 from gptcli.errors import GptcliError
 from gptcli.paths import RUNS_DIR
@@ -92,34 +92,6 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     return read_header(path)[0]
-
-
-def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor a model file of `config` holds (the tied head omitted)."""
-    c = config.emb_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "tok_emb.weight": (config.vocab_size, c),
-        "pos_emb.weight": (config.context_length, c),
-    }
-    for i in range(config.n_layers):
-        p = f"blocks.{i}."
-        shapes[p + "att.qkv.weight"] = (3 * c, c)
-        if config.qkv_bias:
-            shapes[p + "att.qkv.bias"] = (3 * c,)
-        shapes[p + "att.out_proj.weight"] = (c, c)
-        shapes[p + "att.out_proj.bias"] = (c,)
-        shapes[p + "ff.fc.weight"] = (4 * c, c)
-        shapes[p + "ff.fc.bias"] = (4 * c,)
-        shapes[p + "ff.proj.weight"] = (c, 4 * c)
-        shapes[p + "ff.proj.bias"] = (c,)
-        for norm in ("norm1", "norm2"):
-            shapes[p + norm + ".weight"] = (c,)
-            shapes[p + norm + ".bias"] = (c,)
-    shapes["final_norm.weight"] = (c,)
-    shapes["final_norm.bias"] = (c,)
-    if not config.tie_weights:
-        shapes["out_head.weight"] = (config.vocab_size, c)
-    return shapes
 
 
 def check_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], source: str | Path) -> None:

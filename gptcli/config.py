@@ -113,3 +113,40 @@ def get_preset(name: str) -> GPTConfig:
     if key not in PRESETS:
         raise UsageError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
     return PRESETS[key]
+
+
+def model_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a model file of `config` holds (the tied head omitted)."""
+    c = config.emb_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "tok_emb.weight": (config.vocab_size, c),
+        "pos_emb.weight": (config.context_length, c),
+    }
+    for i in range(config.n_layers):
+        p = f"blocks.{i}."
+        shapes[p + "att.qkv.weight"] = (3 * c, c)
+        if config.qkv_bias:
+            shapes[p + "att.qkv.bias"] = (3 * c,)
+        shapes[p + "att.out_proj.weight"] = (c, c)
+        shapes[p + "att.out_proj.bias"] = (c,)
+        shapes[p + "ff.fc.weight"] = (4 * c, c)
+        shapes[p + "ff.fc.bias"] = (4 * c,)
+        shapes[p + "ff.proj.weight"] = (c, 4 * c)
+        shapes[p + "ff.proj.bias"] = (c,)
+        for norm in ("norm1", "norm2"):
+            shapes[p + norm + ".weight"] = (c,)
+            shapes[p + norm + ".bias"] = (c,)
+    shapes["final_norm.weight"] = (c,)
+    shapes["final_norm.bias"] = (c,)
+    if not config.tie_weights:
+        shapes["out_head.weight"] = (config.vocab_size, c)
+    return shapes
+
+
+def parameter_counts(config: GPTConfig) -> dict[str, int]:
+    """The chapter's two counts, from the shapes: with a separate output head (`untied`) and with it
+    shared (`tied`); `total` is this model's own (distinct tensors). GPT-2 124M at context 1024:
+    untied 163,009,536, tied 124,412,160."""
+    tied = sum(math.prod(shape) for name, shape in model_shapes(config.replace(tie_weights=True)).items())
+    untied = tied + config.vocab_size * config.emb_dim
+    return {"total": tied if config.tie_weights else untied, "untied": untied, "tied": tied}

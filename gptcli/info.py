@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gptcli.config import GPTConfig
+from gptcli.config import parameter_counts
 from gptcli.errors import GptcliError
 from gptcli.formats.gptcli import saved_at
 from gptcli.formats.plan import Description, ReadOptions
@@ -26,17 +26,6 @@ from gptcli.formats.registry import FORMATS, detect_format
 from gptcli.formats.safetensors_io import safetensors_dtypes
 
 LAST_EVALUATIONS = 5
-
-
-def parameter_counts(config: GPTConfig) -> dict[str, int]:
-    """The chapter's two counts: with a separate output head (untied) and with it shared (tied);
-    `parameters` is this model's own (distinct tensors)."""
-    c = config.emb_dim
-    block = 3 * c * c + (3 * c if config.qkv_bias else 0)  # qkv
-    block += c * c + c + 4 * c * c + 4 * c + 4 * c * c + c + 4 * c  # out proj, feed-forward, two norms
-    tied = (config.vocab_size + config.context_length) * c + config.n_layers * block + 2 * c
-    untied = tied + config.vocab_size * c
-    return {"total": tied if config.tie_weights else untied, "untied": untied, "tied": tied}
 
 
 def _finite(value: Any) -> Any:

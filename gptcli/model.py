@@ -225,15 +225,3 @@ class GPT(nn.Module):
         """The chapter's `calc_loss_batch`: cross-entropy of the output layer's logits."""
         logits = self.out_head(hidden)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def parameter_counts(config: GPTConfig) -> tuple[int, int]:
-    """(all parameters with an untied head, parameters counting a tied head once).
-
-    GPT-2 124M at context 1024: (163,009,536, 124,412,160).
-    """
-    c, v = config.emb_dim, config.vocab_size
-    qkv = 3 * c * c + (3 * c if config.qkv_bias else 0)
-    block = qkv + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c) + 2 * (2 * c)
-    body = v * c + config.context_length * c + config.n_layers * block + 2 * c
-    return body + v * c, body

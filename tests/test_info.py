@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 from benchmarks.chapter import GPTModel
 from gptcli.checkpoint import save_model
 from gptcli.cli import app
-from gptcli.config import PRESETS, GPTConfig
-from gptcli.info import parameter_counts
+from gptcli.config import PRESETS, GPTConfig, parameter_counts
 from gptcli.model import GPT
 from gptcli.settings import TrainSettings
 from tests.conftest import OPENAI_TINY, VERDICT

@@ -20,7 +20,8 @@ from gptcli.cli import app
 from gptcli.config import GPTConfig, get_preset
 from gptcli.data import BatchLoader, WindowDataset, check_enough_tokens, text_splits
 from gptcli.errors import GptcliError, UsageError
-from gptcli.model import GPT, parameter_counts
+from gptcli.config import parameter_counts
+from gptcli.model import GPT
 from gptcli.train import CheckpointSaved, Evaluation, RunFinished, TrainSettings, learning_rate, train
 
 from .conftest import VERDICT
@@ -48,7 +49,8 @@ def evaluations(events) -> list[Evaluation]:
 def test_parameter_counts_match_gpt2_124m():
     config = get_preset("124M")
     assert config.context_length == 1024
-    assert parameter_counts(config) == (163_009_536, 124_412_160)
+    counts = parameter_counts(config)
+    assert (counts["untied"], counts["tied"]) == (163_009_536, 124_412_160)
     tied = GPT(config.replace(tie_weights=True))
     assert sum(p.numel() for p in tied.parameters()) == 124_412_160
     assert tied.out_head.weight is tied.tok_emb.weight

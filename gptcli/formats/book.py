@@ -29,8 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcli.checkpoint import model_shapes
-from gptcli.config import GPTConfig
+from gptcli.config import GPTConfig, model_shapes
 from gptcli.durable import atomic_write
 from gptcli.errors import GptcliError, UsageError
 from gptcli.formats.plan import (
@@ -82,31 +81,20 @@ def _gptcli_pairs(n_layers: int) -> list[tuple[str, str]]:
 
 
 def book_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """The chapter's state dict: every name and shape, `att.mask` buffers included."""
-    c, ctx = config.emb_dim, config.context_length
-    shapes: dict[str, tuple[int, ...]] = {
-        "tok_emb.weight": (config.vocab_size, c),
-        "pos_emb.weight": (ctx, c),
-    }
+    """The chapter's state dict in its order: gptcli's shapes renamed, the fused query/key/value
+    projection split in three, and the `att.mask` buffers."""
+    ours = model_shapes(config.replace(tie_weights=False))
+    pairs = dict(_gptcli_pairs(config.n_layers))
+    ctx = config.context_length
+    shapes = {name: ours[pairs[name]] for name in ("tok_emb.weight", "pos_emb.weight")}
     for i in range(config.n_layers):
-        p = f"trf_blocks.{i}."
-        shapes[p + "att.mask"] = (ctx, ctx)
+        shapes[f"trf_blocks.{i}.att.mask"] = (ctx, ctx)
         for part in QKV:
-            shapes[p + f"att.W_{part}.weight"] = (c, c)
-            if config.qkv_bias:
-                shapes[p + f"att.W_{part}.bias"] = (c,)
-        shapes[p + "att.out_proj.weight"] = (c, c)
-        shapes[p + "att.out_proj.bias"] = (c,)
-        shapes[p + "ff.layers.0.weight"] = (4 * c, c)
-        shapes[p + "ff.layers.0.bias"] = (4 * c,)
-        shapes[p + "ff.layers.2.weight"] = (c, 4 * c)
-        shapes[p + "ff.layers.2.bias"] = (c,)
-        for norm in ("norm1", "norm2"):
-            shapes[p + f"{norm}.scale"] = (c,)
-            shapes[p + f"{norm}.shift"] = (c,)
-    shapes["final_norm.scale"] = (c,)
-    shapes["final_norm.shift"] = (c,)
-    shapes["out_head.weight"] = (config.vocab_size, c)
+            for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+                fused = ours[f"blocks.{i}.att.qkv.{kind}"]
+                shapes[f"trf_blocks.{i}.att.W_{part}.{kind}"] = (fused[0] // 3, *fused[1:])
+        shapes.update({book: ours[gptcli] for book, gptcli in _block_pairs(i)})
+    shapes.update({name: ours[pairs[name]] for name in ("final_norm.scale", "final_norm.shift", "out_head.weight")})
     return shapes
 
 

@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gptcli.checkpoint import FORMAT, MODEL_FILE, load_config, model_shapes, read_metadata, resolve_model_path
+from gptcli.checkpoint import FORMAT, MODEL_FILE, load_config, read_metadata, resolve_model_path
+from gptcli.config import model_shapes
 from gptcli.durable import atomic_write
 from gptcli.errors import GptcliError
 from gptcli.formats.plan import (

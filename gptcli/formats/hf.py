@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gptcli.checkpoint import model_shapes
-from gptcli.config import GPTConfig
+from gptcli.config import GPTConfig, model_shapes
 from gptcli.durable import atomic_write, current_umask
 from gptcli.errors import GptcliError, UsageError
 from gptcli.formats.gpt2 import (

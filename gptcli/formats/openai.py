@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptcli.checkpoint import model_shapes
-from gptcli.config import GPTConfig
+from gptcli.config import GPTConfig, model_shapes
 from gptcli.errors import GptcliError
 from gptcli.formats.gpt2 import conv_to_linear, gpt2_block_names, gpt2_config, int_field, read_json, source_shape
 from gptcli.formats.plan import ConversionPlan, Description, ReadOptions, TensorPlan, check_shape
