@@ -17,10 +17,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from gptcli.cli import app
-from gptcli.config import GPTConfig, get_preset
+from gptcli.config import GPTConfig, get_preset, parameter_counts
 from gptcli.data import BatchLoader, WindowDataset, check_enough_tokens, text_splits
 from gptcli.errors import GptcliError, UsageError
-from gptcli.config import parameter_counts
 from gptcli.model import GPT
 from gptcli.train import CheckpointSaved, Evaluation, RunFinished, TrainSettings, learning_rate, train
 
