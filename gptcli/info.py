@@ -14,7 +14,6 @@ Run directories are read in both layouts: the model and `trainer.json` at the to
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +23,9 @@ from gptcli.formats.gptcli import saved_at
 from gptcli.formats.plan import Description, ReadOptions
 from gptcli.formats.registry import FORMATS, detect_format
 from gptcli.formats.safetensors_io import safetensors_dtypes
+from gptcli.jsonio import finite_or_null
 
 LAST_EVALUATIONS = 5
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities as None, so that the JSON stays strict."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _report(source: Path, kind: str, found: Description) -> dict[str, Any]:
@@ -72,10 +61,10 @@ def model_info(source: str | Path, n_heads: int | None = None) -> dict[str, Any]
         raise GptcliError(f"not found: {source}")
     kind = detect_kind(source)
     if kind == "run":
-        return _finite(_report(source, kind, describe_run(source)))
+        return finite_or_null(_report(source, kind, describe_run(source)))
     # Checksums are for conversions: describing reads no tensor data.
     found = FORMATS[kind].describe(source, ReadOptions(verify_checksums=False, n_heads=n_heads))
-    return _finite(_report(source, kind, found))
+    return finite_or_null(_report(source, kind, found))
 
 
 def _run_trainer_state(run_dir: Path, model_file: Path) -> dict[str, Any]:

@@ -30,13 +30,12 @@ def command(
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the report as (strict) JSON."),
 ) -> None:
-    import json
-
+    from gptcli import jsonio
     from gptcli.info import model_info
 
     report = model_info(source, n_heads)
     if json_output:
-        typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        typer.echo(jsonio.dumps(report, indent=2))
         return
     _print_report(report)
 
