@@ -16,6 +16,7 @@ from pathlib import Path
 from gptcli.checkpoint import MODEL_FILE
 from gptcli.choices import GGUF_TYPES, SOURCE_FORMATS, TARGET_FORMATS
 from gptcli.config import GPTConfig
+from gptcli.durable import check_output
 from gptcli.errors import GptcliError, UsageError
 from gptcli.formats.plan import ConversionPlan, ProgressCallback, ReadOptions, WriteOptions
 from gptcli.formats.registry import READERS, WRITERS, detect_format
@@ -87,7 +88,7 @@ def convert(
     plan = make_plan(source, source_format, verify_checksums, n_heads)
     if n_heads is not None and plan.source_format != "book":
         raise UsageError(f"--n-heads applies to the book's files only; {plan.source_format} files say their heads")
-    output = _output_path(Path(source), out, plan, target_format)
+    output = _output_path(Path(source), out, plan, target_format, force)
     try:
         WRITERS[target_format].write(plan, output, WriteOptions(gguf_type), on_tensor)
     except OSError as exc:
@@ -111,15 +112,19 @@ def _check_targets(target_format: str, gguf_type: str) -> None:
         raise UsageError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
 
 
-def _output_path(source: Path, out: str | Path | None, plan: ConversionPlan, target_format: str) -> Path:
+def _output_path(
+    source: Path, out: str | Path | None, plan: ConversionPlan, target_format: str, force: bool
+) -> Path:
     """--out (a gptcli model goes into a directory as model.safetensors), else the default; never
-    the source itself, and only where it can be created."""
+    the source itself, only where it can be created, and an existing file only with --force."""
     output = Path(out) if out is not None else default_output(source, plan.source_format, target_format)
     if target_format == "gptcli" and output.is_dir():
         output = output / MODEL_FILE
     if _same_file(output, source) or _same_file(output, Path(plan.source)):
         raise UsageError(f"refusing to overwrite the source {plan.source} with its conversion; pass --out")
     check_can_create(output)
+    if target_format != "hf":
+        check_output(output, replace=force)
     return output
 
 

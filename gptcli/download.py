@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gptcli.choices import GPT2_SIZES
+from gptcli.durable import check_output
 from gptcli.errors import GptcliError, UsageError
 from gptcli.paths import cache_dir, check_can_create, tokenizer_cache_dir, verdict_cache_path
 from gptcli.tokenizer import ENCODER_JSON, ENCODER_JSON_SHA256, VOCAB_BPE, VOCAB_BPE_SHA256
@@ -215,6 +216,7 @@ def _run(
         remotes = remotes_for(ctx)
         for remote in remotes:
             check_can_create(remote.dest)
+            check_output(remote.dest, replace=True, option="")  # a complete file is skipped, a wrong one replaced
         return [fetch_one(ctx, remote, want_sha256) for remote in remotes]
     finally:
         if ctx.session is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gptcli.config import GPTConfig, model_shapes
-from gptcli.durable import atomic_write, current_umask
+from gptcli.durable import atomic_write, temp_path
 from gptcli.errors import GptcliError, UsageError
 from gptcli.formats.gpt2 import (
     GPT2_DROP_RATE,
@@ -253,8 +252,8 @@ def write(
     target = out_dir
     if fresh:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        os.chmod(target, 0o777 & ~current_umask())  # mkdtemp makes 0700; give the directory normal permissions
+        target = temp_path(out_dir)
+        target.mkdir()  # the umask applies
     try:
         atomic_write(
             target / "model.safetensors",
