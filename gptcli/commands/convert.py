@@ -79,8 +79,8 @@ def command(
     ),
     force: bool = typer.Option(
         False, "--force",
-        help="With --to hf: write into an --out directory that is not empty (its config.json and "
-        "model.safetensors are replaced, other files kept).",
+        help="Replace an existing --out file (never a device or pipe); with --to hf, write into an --out "
+        "directory that is not empty (its config.json and model.safetensors are replaced, other files kept).",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the result (output path, config) as JSON."),
 ) -> None:
