@@ -96,20 +96,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def check_shapes(config: GPTConfig, shapes: dict[str, tuple[int, ...]], source: str | Path) -> None:
     """The file's tensors are exactly what `config` builds; checked before the model is allocated."""
+    if config.n_layers > len(shapes):  # checked first: a claim of 2**40 layers is not listed out
+        raise _mismatch(config, source, f"it holds {len(shapes)} tensors in all")
     expected = model_shapes(config)
     if config.tie_weights and "out_head.weight" in shapes:  # a tied head stored anyway: must fit
         expected["out_head.weight"] = (config.vocab_size, config.emb_dim)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     mismatched = [name for name in expected if name in shapes and shapes[name] != expected[name]]
-    if not (missing or unexpected or mismatched):
-        return
     if mismatched:
         name = mismatched[0]
-        detail = f"{name} has shape {list(shapes[name])}, the config needs {list(expected[name])}"
-    else:
-        detail = f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}"
-    raise GptcliError(
+        needs = f"{name} has shape {list(shapes[name])}, the config needs {list(expected[name])}"
+        raise _mismatch(config, source, needs)
+    if missing or unexpected:
+        raise _mismatch(config, source, f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+
+
+def _mismatch(config: GPTConfig, source: str | Path, detail: str) -> GptcliError:
+    return GptcliError(
         f"{source}: the model config in its metadata does not match its tensors ({detail}; config "
         f"{config.n_layers} layers, emb_dim {config.emb_dim}, vocab {config.vocab_size}, "
         f"context {config.context_length})"

@@ -147,6 +147,11 @@ def parameter_counts(config: GPTConfig) -> dict[str, int]:
     """The chapter's two counts, from the shapes: with a separate output head (`untied`) and with it
     shared (`tied`); `total` is this model's own (distinct tensors). GPT-2 124M at context 1024:
     untied 163,009,536, tied 124,412,160."""
-    tied = sum(math.prod(shape) for name, shape in model_shapes(config.replace(tie_weights=True)).items())
+    def total(n_layers: int) -> int:
+        shapes = model_shapes(config.replace(tie_weights=True, n_layers=n_layers))
+        return sum(math.prod(shape) for shape in shapes.values())
+
+    one = total(1)  # blocks are alike: counted from one and two, whatever the depth
+    tied = one + (config.n_layers - 1) * (total(2) - one)
     untied = tied + config.vocab_size * config.emb_dim
     return {"total": tied if config.tie_weights else untied, "untied": untied, "tied": tied}
