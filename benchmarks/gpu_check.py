@@ -46,9 +46,9 @@ if TYPE_CHECKING:
     import pytest
     import torch
 
+    from gptcli.choices import Device, Precision
     from gptcli.config import GPTConfig
     from gptcli.model import GPT
-    from gptcli.settings import Device, Precision
 
 CORE_DEPS = ("torch", "numpy", "tiktoken", "typer", "rich", "safetensors", "gptcli")
 TEST_DEPS = ("pytest", "matplotlib")  # matplotlib: the training tests write loss plots
@@ -309,7 +309,8 @@ class TrainRun:
 
 def run_training(settings: Any) -> TrainRun:
     """gptcli's own training loop (gptcli.train.train, what `gptcli train` runs), timed per step."""
-    from gptcli.train import Notice, RunStarted, StepDone, train
+    from gptcli.events import Notice, RunStarted, StepDone
+    from gptcli.train import train
 
     run = TrainRun([], [], settings.precision, [], settings.batch_size * settings.config.context_length)
     for event in train(settings):
@@ -327,7 +328,7 @@ def run_training(settings: Any) -> TrainRun:
 def train_settings(args: argparse.Namespace, corpus: Path, out: Path, config: GPTConfig, steps: int,
                    batch: int, precision: Precision, compile_model: bool = False, lr: float = 4e-4,
                    device: Device | None = None) -> Any:
-    from gptcli.train import TrainSettings
+    from gptcli.settings import TrainSettings
 
     return TrainSettings(corpus=str(corpus), config=config, out=str(out), epochs=1, batch_size=batch, lr=lr,
                          max_steps=steps, eval_freq=10**9, eval_iter=1, sample_tokens=0, plots=False,

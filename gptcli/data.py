@@ -9,10 +9,14 @@ seeded run reproduces the chapter's, and its epoch order is resumable from a sav
 A directory made by `gptcli prepare` gives memory-mapped train/val arrays instead (its split is
 fixed by prepare); windows are read straight from the map. `RandomWindowLoader` is the nanoGPT-style
 alternative to epochs: every step draws windows at random token offsets.
+
+`load_training_data` builds a training run's loaders from its settings, checking everything (enough
+tokens and windows, the vocabulary, the batch's split over processes) before anything is written.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,9 @@ from gptcli.tokenfile import read_meta
 if TYPE_CHECKING:
     import tiktoken
     import torch
+
+    from gptcli.distributed import Distributed
+    from gptcli.settings import TrainSettings
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -261,3 +268,97 @@ def load_splits(corpus: str | Path, tokenizer: tiktoken.Encoding, train_ratio: f
     splits = text_splits(corpus, tokenizer, train_ratio)
     splits.vocab_size = tokenizer.n_vocab
     return splits
+
+
+# --- a training run's loaders -------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """A run's data and the shape of its loop, all checked before anything is written."""
+
+    tokenizer: tiktoken.Encoding
+    train_loader: BatchLoader
+    val_loader: BatchLoader
+    sampler: RandomWindowLoader | None  # random sampling's windows (None: the chapter's epochs)
+    steps_per_epoch: int
+    epochs: float  # math.inf: random sampling bounded by --max-steps alone
+    total_steps: int
+    accumulation: int  # micro-batches per optimizer step
+    micro: int  # sequences per micro-batch
+
+
+def micro_batches(settings: TrainSettings, world_size: int) -> tuple[int, int]:
+    """(micro-batches per step, sequences per micro-batch) on each process."""
+    per_rank, remainder = divmod(settings.batch_size, world_size)
+    if remainder:
+        raise UsageError(
+            f"--batch-size {settings.batch_size} is not divisible by the {world_size} processes"
+        )
+    micro = settings.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise UsageError(
+            f"--micro-batch-size {micro} must divide the per-process batch of {per_rank} sequences"
+        )
+    return per_rank // micro, micro
+
+
+def load_training_data(settings: TrainSettings, dist: Distributed) -> TrainingData:
+    """The tokenizer and the run's loaders (this rank's share of each batch), and the loop's length."""
+    from gptcli.tokenizer import get_tokenizer
+
+    config = settings.config
+    accumulation, micro = micro_batches(settings, dist.world_size)
+    tokenizer = get_tokenizer()
+    splits = load_splits(settings.corpus, tokenizer, settings.train_ratio)
+    _check_enough_data(splits, settings, is_prepared_dir(settings.corpus))
+    if splits.vocab_size and splits.vocab_size > config.vocab_size:
+        raise UsageError(
+            f"--vocab-size {config.vocab_size} is smaller than the data's vocabulary ({splits.vocab_size}): "
+            "its token ids would not fit the embedding"
+        )
+    stride = settings.stride or config.context_length
+    train_loader = BatchLoader(
+        WindowDataset(splits.train, config.context_length, stride),
+        settings.batch_size, shuffle=True, drop_last=True, rank=dist.rank, world_size=dist.world_size,
+    )
+    val_loader = BatchLoader(
+        WindowDataset(splits.val, config.context_length, stride), settings.batch_size,
+        shuffle=False, drop_last=False,
+    )
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise _too_few_windows(settings, len(train_loader.dataset))
+    # Random sampling has no passes: an "epoch" is as many steps as one pass would take (for the
+    # per-epoch sample, checkpoint and the plots), and --max-steps alone sets the length.
+    random_sampling = settings.sampling == "random"
+    sampler = RandomWindowLoader(
+        splits.train, config.context_length, settings.batch_size, settings.seed, dist.rank, dist.world_size,
+    ) if random_sampling else None
+    epochs = math.inf if random_sampling and settings.max_steps else settings.epochs
+    total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps:
+        total_steps = settings.max_steps if random_sampling else min(total_steps, settings.max_steps)
+    return TrainingData(tokenizer, train_loader, val_loader, sampler, steps_per_epoch, epochs, total_steps,
+                        accumulation, micro)
+
+
+def _check_enough_data(splits: Splits, settings: TrainSettings, prepared: bool) -> None:
+    context = settings.config.context_length
+    if prepared and min(len(splits.train), len(splits.val)) <= context:
+        which = "training" if len(splits.train) <= context else "validation"
+        raise UsageError(
+            f"not enough tokens for the {which} loader in {settings.corpus} ({len(splits.train)} training, "
+            f"{len(splits.val)} validation tokens, context length {context}); lower --context-length or "
+            "prepare more text (`gptcli prepare --val-ratio` sets the split)"
+        )
+    check_enough_tokens(splits, context)
+
+
+def _too_few_windows(settings: TrainSettings, windows: int) -> UsageError:
+    options = "--batch-size or --context-length"
+    if settings.stride and settings.stride > settings.config.context_length:
+        options = f"--stride ({settings.stride}), --batch-size or --context-length"
+    return UsageError(
+        f"the training split has {windows} windows, fewer than one batch of {settings.batch_size}; lower {options}"
+    )

@@ -32,7 +32,8 @@ from typing import Any, Literal, Protocol
 from gptcli import jsonio
 from gptcli.durable import atomic_write_text
 from gptcli.errors import GptcliError, UsageError
-from gptcli.train import CheckpointSaved, Evaluation, Event, RunStarted, Sample, StepDone, read_metrics
+from gptcli.events import CheckpointSaved, Evaluation, Event, RunStarted, Sample, StepDone
+from gptcli.rundir import read_metrics
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb-run-id"

@@ -1,4 +1,6 @@
-"""A run directory: crash-consistent checkpoints, the run lock, and cleanup of interrupted writes.
+"""A run directory: crash-consistent checkpoints, the run lock, cleanup of interrupted writes, its
+files at the start of a run (run.json, metrics.jsonl), and `RunDirectory`, the directory as one
+training process holds it.
 
     RUN/
       run.json  metrics.jsonl  loss.png  perplexity.png  .lock
@@ -13,23 +15,35 @@ fsynced). Only then are older checkpoints pruned. A crash at any instant, power 
 leaves `latest` on a complete checkpoint; what an interrupted write leaves behind is removed the
 next time the run is opened. The top-level `model.safetensors` goes through `latest`, so it
 switches with it. Runs from before this layout (the three files at the top level) still resume.
+What the checkpoint files hold is `gptcli.trainstate`'s. `runs/latest` points at the newest run.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import os
 import re
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from gptcli import jsonio
 from gptcli.checkpoint import MODEL_FILE
-from gptcli.durable import current_umask, fsync_path, replace_symlink
+from gptcli.durable import atomic_write_text, current_umask, fsync_path, replace_symlink
 from gptcli.errors import GptcliError, UsageError
+from gptcli.paths import RUNS_DIR
+from gptcli.settings import RUN_FILE
 
+if TYPE_CHECKING:
+    from gptcli.settings import TrainSettings
+
+METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 LOCK_FILE = ".lock"
@@ -214,3 +228,100 @@ def lock_run(run_dir: Path) -> int:
 
 def unlock_run(fd: int) -> None:
     os.close(fd)
+
+
+# --- a run's files ------------------------------------------------------------------------------
+
+
+def default_run_dir(corpus: str) -> Path:
+    stem = Path(corpus).name.split(".")[0] or "corpus"
+    return RUNS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
+
+
+def point_latest(run_dir: Path) -> None:
+    """Make runs/latest point at `run_dir` (replaced atomically and durably)."""
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    target = run_dir.resolve()
+    if target.parent == RUNS_DIR.resolve():
+        target = Path(target.name)  # relative, so the runs directory can move
+    replace_symlink(RUNS_DIR / LATEST, str(target))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunDirectory:
+    """The run directory as one training process holds it: locked while the run trains (rank 0),
+    checkpoints committed atomically, `runs/latest` moved after the first commit, and a directory
+    this run created removed again when the run fails before its first checkpoint."""
+
+    def __init__(self, path: Path, keep: int, main: bool) -> None:
+        self.path, self.keep, self.main = path, keep, main
+        self.created = False
+        self.lock_fd: int | None = None
+        self.saved_step: int | None = None
+        self.pointed = False  # runs/latest, moved by this process's first commit
+
+    def open(self, resume: bool) -> Path | None:
+        """Create (or find), lock and clean the directory; the checkpoint to resume from, if any."""
+        if resume and not self.path.is_dir():
+            raise UsageError(f"--resume {self.path}: no such run directory")
+        if not self.main:
+            return checkpoint_to_resume(self.path) if resume else None
+        self.created = create_run_dir(self.path)
+        self.lock_fd = lock_run(self.path)
+        remove_leftovers(self.path)
+        checkpoint = checkpoint_to_resume(self.path)
+        if checkpoint is not None and not resume:
+            raise UsageError(
+                f"{self.path} already holds a run; continue it with --resume {self.path} or pick another --out"
+            )
+        return checkpoint
+
+    def start(self, settings: TrainSettings, steps_done: int) -> None:
+        """run.json, and metrics.jsonl without the evaluations after the checkpoint (the resumed run
+        replays them)."""
+        atomic_write_text(self.path / RUN_FILE, jsonio.dumps(settings.to_dict(), indent=2) + "\n")
+        kept = [m for m in read_metrics(self.path) if m["step"] < steps_done]
+        atomic_write_text(self.path / METRICS_FILE, "".join(jsonio.dumps(m) + "\n" for m in kept))
+
+    def kept(self, which: str = "last") -> str:
+        if self.saved_step is None:
+            return "no checkpoint was saved"
+        return f"the {which} checkpoint (step {self.saved_step}) is kept"
+
+    def save(self, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
+        """Write, commit and prune: the checkpoint of `step`, each file written by its writer."""
+        try:
+            step_dir = write_checkpoint(self.path, step, writers)
+        except Exception as exc:
+            raise self._save_error(exc) from None
+        commit_checkpoint(self.path, step_dir)
+        if not self.pointed:
+            point_latest(self.path)
+            self.pointed = True
+        self.saved_step = step
+        prune_checkpoints(self.path, self.keep)
+        return step_dir
+
+    def _save_error(self, exc: Exception) -> GptcliError:
+        text = str(exc)
+        full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)) or any(
+            sign in text for sign in ("os error 28", "os error 27", "No space left", "File too large")
+        )
+        if full:  # safetensors reports a failed write as its own error type, not OSError
+            return GptcliError(f"the disk is full; {self.kept('last complete')}")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else text.splitlines()[0][:100]
+        return GptcliError(f"cannot save a checkpoint in {self.path}: {reason}; {self.kept('last complete')}")
+
+    def close(self, failed: bool) -> None:
+        # Only the lock holder removes: a process that lost the race for the lock leaves it alone.
+        if failed and self.created and self.saved_step is None and self.lock_fd is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock_fd is not None:
+            unlock_run(self.lock_fd)
+            self.lock_fd = None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, get_args
 
+from gptcli.choices import InferenceDtype, Precision
 from gptcli.errors import UsageError
-from gptcli.settings import InferenceDtype, Precision
 
 if TYPE_CHECKING:
     import torch

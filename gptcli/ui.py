@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from gptcli.train import Evaluation, RunFinished, RunStarted
+    from gptcli.events import Evaluation, RunFinished, RunStarted
 
 console = Console(stderr=True)
 

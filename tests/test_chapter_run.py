@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from gptcli.cli import app
 from gptcli.config import get_preset
-from gptcli.train import Evaluation, TrainSettings, train
+from gptcli.events import Evaluation
+from gptcli.settings import TrainSettings
+from gptcli.train import train
 
 from .conftest import VERDICT
 

@@ -61,3 +61,22 @@ def test_train_options_take_their_defaults_from_the_settings():
         assert params[name].default == getattr(DEFAULTS, name), name
     for name in ("context_length", "drop_rate", "qkv_bias", "vocab_size", "tie_weights"):
         assert params[name].default == getattr(DEFAULTS.config, name), name
+
+
+def test_train_options_are_their_declarations():
+    """Each option of `train` is one declared field: its Typer option carries the field's default, help
+    and panel, and what --resume may change is declared with the options."""
+    from gptcli.commands.train import CommandOptions
+    from gptcli.options import declared
+    from gptcli.settings import RESUMABLE, ModelOptions, TrainOptions
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+    groups = (ModelOptions, TrainOptions, CommandOptions)
+    fields = [(field, spec) for group in groups for field, spec, _ in declared(group)]
+    assert sorted(field.name for field, _ in fields) == sorted(params)
+    for field, spec in fields:
+        param = params[field.name]
+        assert (param.default, param.help, getattr(param, "rich_help_panel", None)) == (
+            field.default, spec.help, spec.panel), field.name
+    assert set(RESUMABLE) == {"epochs", "max_steps", "save_every", "keep_checkpoints", "plots", "device",
+                              "strict_precision"}

@@ -18,9 +18,11 @@ from typer.testing import CliRunner
 from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.distributed import strip_nproc, torchrun_args
+from gptcli.events import Evaluation
 from gptcli.prepare import prepare
+from gptcli.settings import TrainSettings
 from gptcli.tokenizer import get_tokenizer
-from gptcli.train import Evaluation, TrainSettings, train
+from gptcli.train import train
 
 from .conftest import BPE_DIR, REPO_ROOT, VERDICT
 

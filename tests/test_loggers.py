@@ -276,8 +276,8 @@ def test_loggers_open_on_run_started_and_close_every_sink(tmp_path):
 
 def _started(run: Path):
     from gptcli.config import get_preset
+    from gptcli.events import RunStarted
     from gptcli.settings import TrainSettings
-    from gptcli.train import RunStarted
 
     settings = TrainSettings(corpus=str(VERDICT), config=get_preset("tiny"))
     return RunStarted(out_dir=run, device="cpu", config=settings.config, parameters=1, train_tokens=1, val_tokens=1,

@@ -23,9 +23,11 @@ from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.data import RandomWindowLoader, load_splits, prepared_splits
 from gptcli.errors import GptcliError, UsageError
+from gptcli.events import Evaluation
 from gptcli.prepare import PrepareFinished, PrepareProgress, prepare
+from gptcli.settings import TrainSettings
 from gptcli.textinput import ChunkReader, collect_sources
-from gptcli.train import Evaluation, TrainSettings, train
+from gptcli.train import train
 
 from .conftest import REPO_ROOT, VERDICT
 

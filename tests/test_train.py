@@ -20,8 +20,10 @@ from gptcli.cli import app
 from gptcli.config import GPTConfig, get_preset, parameter_counts
 from gptcli.data import BatchLoader, WindowDataset, check_enough_tokens, text_splits
 from gptcli.errors import GptcliError, UsageError
+from gptcli.events import CheckpointSaved, Evaluation, RunFinished
 from gptcli.model import GPT
-from gptcli.train import CheckpointSaved, Evaluation, RunFinished, TrainSettings, learning_rate, train
+from gptcli.settings import TrainSettings
+from gptcli.train import learning_rate, train
 
 from .conftest import VERDICT
 
@@ -143,12 +145,12 @@ def test_too_few_tokens_is_the_chapters_sanity_error(tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("content,message", [(b"", "is empty"), (b"\xff\xfe\x00bad", "not UTF-8")])
-def test_bad_corpus_files_give_one_line_errors(tmp_path, content, message):
+@pytest.mark.parametrize("content,message,code", [(b"", "is empty", 2), (b"\xff\xfe\x00bad", "not UTF-8", 1)])
+def test_bad_corpus_files_give_one_line_errors(tmp_path, content, message, code):
     corpus = tmp_path / "bad.txt"
     corpus.write_bytes(content)
     result = runner.invoke(app, ["train", str(corpus), "--quiet"])
-    assert result.exit_code == 1
+    assert result.exit_code == code  # an empty file is bad input (2), like an empty stdin
     assert message in result.output
     assert result.output.count("\n") == 1
 
@@ -394,7 +396,7 @@ def test_no_corpus_trains_on_the_bundled_verdict_offline(monkeypatch):
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
-    from gptcli.train import Notice
+    from gptcli.events import Notice
 
     def broken_compile(module):
         def fail(*args, **kwargs):
@@ -422,3 +424,14 @@ def test_a_damaged_run_json_is_refused_on_resume(tmp_path, damage, says):
     result = runner.invoke(app, ["train", "--resume", str(out), "-q"])
     assert result.exit_code == 2
     assert result.output == f"error: --resume {run_json} is damaged ({says}); it cannot be resumed\n"
+
+
+def test_settings_check_their_declared_ranges_and_choices(tmp_path):
+    """What the command line cannot catch (run.json, the API) is checked from the same declarations."""
+    with pytest.raises(UsageError, match=r"^--schedule must be one of constant, cosine, got 'linear'$"):
+        tiny_settings(tmp_path, schedule="linear").validate()
+    with pytest.raises(UsageError, match=r"^--stride must be at least 1, got 0$"):
+        tiny_settings(tmp_path, stride=0).validate()
+    with pytest.raises(UsageError, match=r"^--seed must be between 0 and 2\*\*63-1, got -1$"):
+        tiny_settings(tmp_path, seed=-1).validate()
+    tiny_settings(tmp_path, stride=None, grad_clip=None, max_steps=None).validate()  # optional, left out

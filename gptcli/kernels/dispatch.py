@@ -10,15 +10,15 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
+
+from gptcli.choices import DROPOUT_RNGS, DropoutRng
 
 ENV_SWITCH = "GPTCLI_KERNELS"
 """Set to 0 to run the plain torch modules everywhere (what the equivalence tests compare against)."""
 
-DropoutRng = Literal["exact", "fast"]
-DROPOUT_RNGS: tuple[DropoutRng, ...] = ("exact", "fast")
 _RNG_ATTRIBUTE = "dropout_rng"
 """The plain attribute `set_dropout_rng` sets on every module of a model (any module class may carry it)."""
 
