@@ -122,7 +122,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def replace_symlink(link: Path, target: str) -> None:
     """Point `link` at `target` atomically (a new link renamed over the old), durably."""
-    tmp = link.parent / f".{link.name}.link.tmp"
-    tmp.unlink(missing_ok=True)
+    tmp = temp_path(link)  # per process: two runs moving `runs/latest` at once do not collide
     os.symlink(target, tmp)
     replace(tmp, link)
