@@ -16,7 +16,7 @@ GPU_CHECK_SHARD=i/n, so the script can run the test files in parallel processes.
 
 Figures of merit. Training MFU: tokens/s x FLOPs per token over the GPU's dense peak, with FLOPs
 per token = 6 N + 12 L C T as nanoGPT's `estimate_mfu` (N: the parameters that multiply, embeddings
-excluded, the untied head included; as `train_flops_per_token` in benchmarks/run.py). The peak is
+excluded, the untied head included; as `train_flops_per_token` in benchmarks/plan.py). The peak is
 bf16's for bf16 autocast, else fp32's (tf32's when torch allows TF32 matmuls). Decoding one row:
 tokens/s over the bound set by reading every weight once per token at the GPU's memory bandwidth.
 """
