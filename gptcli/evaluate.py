@@ -32,11 +32,15 @@ def mean_batch_loss(
     num_batches: int,
     device: torch.device | str = "cpu",
 ) -> float:
-    """Mean of the first `num_batches` batch losses (the chapter's calc_loss_loader); NaN if none."""
+    """Mean of the first `num_batches` batch losses (the chapter's calc_loss_loader); NaN if none.
+    Small batches run on prepacked weights, packed for this call only (training calls this between
+    optimizer steps)."""
     import torch
 
+    from gptcli.kernels.decoding import PackedWeights
+
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), PackedWeights():
         for inputs, targets in batches:
             if count >= num_batches:
                 break
@@ -70,11 +74,8 @@ class EvalResult:
         return perplexity(self.loss)
 
     def to_dict(self) -> dict[str, Any]:
-        def finite(x: float) -> float | None:  # JSON has no NaN/Infinity
-            return x if math.isfinite(x) else None
-
-        return {"source": self.source, "tokens": self.tokens, "loss": finite(self.loss),
-                "perplexity": finite(self.perplexity)}
+        """The result as plain values (a diverged loss stays NaN: gptcli.jsonio writes it as null)."""
+        return {"source": self.source, "tokens": self.tokens, "loss": self.loss, "perplexity": self.perplexity}
 
 
 def token_windows(num_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -147,6 +148,8 @@ def token_losses(
     import numpy as np
     import torch
 
+    from gptcli.kernels.decoding import PackedWeights
+
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     context_length = model.config.context_length
@@ -159,7 +162,7 @@ def token_losses(
     ids = [torch.from_numpy(np.asarray(tokens, dtype=np.int64)) for tokens in sources]
     out = [np.empty(len(tokens) - 1, dtype=np.float32) for tokens in sources]
     num_batches = -(-len(windows) // batch_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), PackedWeights():  # a few short windows run on prepacked weights
         for b in range(num_batches):
             group = windows[b * batch_size : (b + 1) * batch_size]
             inputs, targets = _window_batch(ids, group)

@@ -1,7 +1,7 @@
 """Log-probabilities of generated tokens (`gptcli sample --logprobs K`).
 
 Each decoding step records, for the token it picked: its log-probability under the distribution it
-was actually drawn from (after top-k, temperature and top-p: `generate.sampling_probs`), its
+was actually drawn from (after top-k, temperature and top-p: `gptcli.sampling.sampling_probs`), its
 log-probability under the model's own distribution (softmax of the raw logits), and the K most
 likely tokens of the drawn-from distribution. Greedy decoding draws from nothing, so its numbers
 are the model's own distribution. Tokens that top-k or top-p removed have probability 0; they are

@@ -7,8 +7,6 @@ from typing import Any, cast
 
 import torch
 
-from gptcli.kernels.decoding import forget_packed_weights
-
 
 def adamw(
     params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3, weight_decay: float = 1e-2, **kwargs: Any
@@ -16,7 +14,8 @@ def adamw(
     """`torch.optim.AdamW` with torch's fused kernel when every parameter is on a device that has
     one (CPU since torch 2.4, CUDA, MPS...): one pass over each parameter instead of a dozen, about
     10x faster than the default per-tensor loop on CPU, and the same update up to float rounding.
-    Falls back to torch's default implementation otherwise.
+    Falls back to torch's default implementation otherwise. (The fused update bumps no tensor
+    versions: a copy derived from a parameter must not be kept across steps.)
 
     Private torch API: `torch.optim.optimizer._get_fused_kernels_supported_devices` (without it,
     fused on CUDA only)."""
@@ -35,8 +34,4 @@ def adamw(
         kwargs["fused"] = True
     # `groups` holds one kind only, as `params` did: the element union above lost that, torch's type needs it.
     same_kind = cast("list[torch.Tensor] | list[dict]", groups)
-    optimizer = torch.optim.AdamW(same_kind, lr=lr, weight_decay=weight_decay, **kwargs)
-    # Decoding's prepacked weight copies go stale after a step (the fused update bumps no tensor
-    # versions): the samples and small evaluations during training must see the new weights.
-    optimizer.register_step_post_hook(lambda *_: forget_packed_weights())
-    return optimizer
+    return torch.optim.AdamW(same_kind, lr=lr, weight_decay=weight_decay, **kwargs)

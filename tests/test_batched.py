@@ -114,6 +114,22 @@ def test_ragged_cache_masks_other_rows_padding(tiny: GPT) -> None:
     torch.testing.assert_close(out[0, -1], reference, rtol=1e-5, atol=1e-5)
 
 
+def test_compacting_the_cache_leaves_no_garbage_for_masked_slots(tiny: GPT, monkeypatch) -> None:
+    """Slots past a row's length are read (masked) by every ragged step, and attention multiplies them
+    by a weight of 0, which NaN or inf there turns into NaN. Memory handed out uninitialised may hold
+    anything (here: NaN), so a compacted cache starts from zeros."""
+    real_new_empty, real_empty_like = torch.Tensor.new_empty, torch.empty_like
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: real_new_empty(t, *a, **k).fill_(torch.nan))
+    monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: real_empty_like(t, *a, **k).fill_(torch.nan))
+    cache = RaggedKVCache(tiny.config, 3, 8, torch.device("cpu"), torch.float32)
+    cache.set_lengths(torch.tensor([2, 5, 3]))
+    cache.keys[:, :, :, :5] = 1.0
+    cache.values[:, :, :, :5] = 1.0
+    cache.keep([2, 0, 0])
+    assert cache.lengths.tolist() == [3, 2, 2]
+    assert bool(torch.isfinite(cache.keys).all()) and bool(torch.isfinite(cache.values).all())
+
+
 def test_refuses_beam_search_and_bad_sizes(tiny: GPT) -> None:
     with pytest.raises(UsageError, match="beam"):
         list(decode_batch(tiny, PROMPTS, DecodeSettings(beam_width=2)))
@@ -167,10 +183,10 @@ def test_batch_size_must_be_positive(model_file) -> None:
 
 
 def test_prefill_groups_keep_padding_small() -> None:
-    from gptcli.batched import PADDING_SHARE, _length_groups, _Row
+    from gptcli.batched import PADDING_SHARE, Row, _length_groups
 
     lengths = [3, 300, 5, 40, 41, 7, 2, 290, 45, 1]
-    entries = [(slot, _Row(slot, [1] * n, n, None)) for slot, n in enumerate(lengths)]
+    entries = [(slot, Row(slot, [1] * n, n, None)) for slot, n in enumerate(lengths)]
     groups = _length_groups(entries)
     assert sorted(slot for group in groups for slot, _ in group) == list(range(len(lengths)))
     for group in groups:

@@ -272,6 +272,31 @@ def test_invalid_values_exit_2(model_file: Path, args: list[str]) -> None:
     assert result.stderr.splitlines()[-1].startswith("error: ") and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("core", "args", "message"),
+    [
+        ({"batch_size": 0}, ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        ({"logprobs": 21}, ["--logprobs", "21"], "--logprobs must be between 0 and 20, got 21"),
+        ({"seed": -1}, ["--seed", "-1"], "--seed must be between 0 and 9223372036854775806, got -1"),
+        ({"min_new_tokens": 1}, ["-n", "0"], "--max-new-tokens must be at least 1, got 0"),
+    ],
+)
+def test_the_core_and_the_command_refuse_alike(tiny: GPT, model_file: Path, core: dict, args: list[str],
+                                               message: str) -> None:
+    """One check, one message: `DecodeSettings.validate` (what decode_batch calls) and `gptcli sample`."""
+    from gptcli.batched import decode_batch
+
+    settings = DecodeSettings(max_new_tokens=0 if "min_new_tokens" in core else 5)
+    with pytest.raises(UsageError) as raised:
+        if "batch_size" in core or "logprobs" in core:
+            list(decode_batch(tiny, [PROMPT], settings, **core))
+        else:
+            settings.validate(**core)
+    assert str(raised.value) == message
+    result = invoke("Hi", "-m", str(model_file), *args)
+    assert result.exit_code == 2 and result.stderr.splitlines()[-1] == f"error: {message}"
+
+
 def test_threads_sets_torchs_thread_count(model_file: Path) -> None:
     import torch
 

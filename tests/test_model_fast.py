@@ -287,7 +287,7 @@ def test_decoding_linear_equals_module(dtype, rows):
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(2)
-            with torch.inference_mode():
+            with torch.inference_mode(), decoding.PackedWeights():
                 got = decoding.decoding_linear(layer, x)
                 assert got is not None or (dtype == torch.bfloat16 and not decoding._BF16_KERNELS)
                 got = F.linear(x, layer.weight, layer.bias) if got is None else got
@@ -330,13 +330,35 @@ def test_packed_weights_follow_weight_updates():
     layer = torch.nn.Linear(16, 256).to(torch.bfloat16)
     x = torch.randn(1, 16).to(torch.bfloat16)
     with torch.inference_mode():
-        first = decoding.decoding_linear(layer, x)
-    with torch.no_grad():
-        layer.weight.mul_(2)  # a new version of the weight: the packed copy is rebuilt
-    with torch.inference_mode():
-        second = decoding.decoding_linear(layer, x)
-        torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias))
+        assert decoding.decoding_linear(layer, x) is None  # outside a decoding scope nothing is packed
+    with decoding.PackedWeights() as scope:
+        with torch.inference_mode():
+            first = decoding.decoding_linear(layer, x)
+        assert len(scope) == 1
+        with torch.no_grad():
+            layer.weight.mul_(2)  # a new version of the weight: the packed copy is rebuilt
+        with torch.inference_mode():
+            second = decoding.decoding_linear(layer, x)
+            torch.testing.assert_close(second, F.linear(x, layer.weight, layer.bias))
     assert not torch.equal(first, second)
+    assert decoding.active_scope() is None
+
+
+def test_nested_scopes_share_the_outer_packing_and_a_stream_holds_none_between_tokens():
+    from gptcli.generate import stream
+
+    layer = torch.nn.Linear(16, 256)
+    x = torch.randn(1, 16)
+    with decoding.PackedWeights() as outer, torch.inference_mode():
+        with decoding.PackedWeights() as inner:
+            decoding.decoding_linear(layer, x)
+        assert decoding.active_scope() is outer and len(inner) == 0 and len(outer) == 1
+    torch.manual_seed(0)
+    model = gm.GPT(TINY).eval()
+    tokens = stream(model, [1, 2, 3])
+    next(tokens)
+    assert decoding.active_scope() is None and not torch.is_inference_mode_enabled()  # while the caller holds one
+    tokens.close()
 
 
 # --- optimizer ------------------------------------------------------------------------------------------
@@ -362,24 +384,55 @@ def test_adamw_is_fused_on_cpu_and_equals_the_default():
 
 
 def test_decoding_after_an_optimizer_step_uses_the_new_weights():
-    """The fused AdamW update bumps no tensor versions: decoding's prepacked copies must still be
-    rebuilt after a step (training's epoch samples and small evaluations decode between steps)."""
-    from gptcli.kernels.decoding import PACKED_ROWS, decoding_linear
+    """The fused AdamW update bumps no tensor versions, so a prepacked copy cannot tell that it went
+    stale: copies belong to one decoding scope, and a decode after a step (training's epoch sample)
+    packs the new weights. The optimizer knows nothing about decoding."""
+    from gptcli.kernels.decoding import PACKED_ROWS, PackedWeights, decoding_linear
     from gptcli.model import Linear
     from gptcli.optim import adamw
 
     torch.manual_seed(0)
-    layer = Linear(64, 64)
+    layer = Linear(64, 64, bias=False)  # the bias is not packed: the weight alone can go stale
     optimizer = adamw(layer.parameters(), lr=0.1)
+    assert not optimizer._optimizer_step_post_hooks  # no cache to forget after a step
     x = torch.randn(1, 64)
-    with torch.no_grad():
+    with torch.no_grad(), PackedWeights() as scope:
         before = decoding_linear(layer, x)  # packs the weight
-    if before is None:
-        pytest.skip("no decoding kernel on this build")
+    if before is None or len(scope) == 0:
+        pytest.skip("no prepacked decoding kernel on this build")
+    version = layer.weight._version
     layer(torch.randn(PACKED_ROWS + 1, 64)).square().sum().backward()
     optimizer.step()
-    with torch.no_grad():
+    if optimizer.defaults.get("fused"):
+        assert layer.weight._version == version  # invisible to the copy's version check...
+        with torch.no_grad(), scope:
+            torch.testing.assert_close(decoding_linear(layer, x), before)  # ...so a reused scope is stale
+    with torch.no_grad(), PackedWeights():
         after = decoding_linear(layer, x)
         expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_epoch_samples_decode_with_the_weights_of_their_epoch(monkeypatch):
+    """Training's pattern: sample greedily, take fused AdamW steps, sample again. The second sample
+    is what the plain modules (no packed weights) give for the new weights."""
+    from gptcli.generate import generate
+    from gptcli.optim import adamw
+
+    torch.manual_seed(1)
+    model = gm.GPT(TINY.replace(drop_rate=0.0)).eval()
+    optimizer = adamw(model.parameters(), lr=3e-2)
+    prompt = torch.tensor([[6109, 3626, 6100, 345]])
+    first = generate(model, prompt, max_new_tokens=8, stop_at_eos=False)
+    assert decoding.active_scope() is None
+    x = torch.randint(0, TINY.vocab_size, (2, 16))
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x, targets=x.roll(-1, 1)).backward()
+        optimizer.step()
+    model.eval()
+    second = generate(model, prompt, max_new_tokens=8, stop_at_eos=False)
+    monkeypatch.setenv("GPTCLI_KERNELS", "0")
+    assert second == generate(model, prompt, max_new_tokens=8, stop_at_eos=False) != first

@@ -1,13 +1,15 @@
-"""Helpers that commands share (commands do not import each other): stdin, loading a model for
-inference (`sample`, `eval`), and converting with a progress bar (`convert`, `fetch gpt2 --convert`).
-Heavy modules are imported inside the functions."""
+"""Helpers that commands share (commands do not import each other): stdin, the options of running a
+model for inference and of printing results (`sample`, `eval`), loading the model, and converting
+with a progress bar (`convert`, `fetch gpt2 --convert`). Heavy modules are imported inside the
+functions."""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import typer
 
@@ -16,8 +18,37 @@ if TYPE_CHECKING:
     from gptcli.model import GPT
 
 
-
 RUNTIME_PANEL = "Model and runtime"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Which model runs where, and how (`sample`, `eval`): --model (a run directory or .safetensors
+    file; None: runs/latest), --device, --dtype, --strict-precision, --threads (None: torch's choice)."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "fp32"
+    strict_precision: bool = False
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """How a command prints its results: --json (one object per line on stdout, instead of text or a
+    table) and --verbose (timings on stderr)."""
+
+    json: bool = False
+    verbose: bool = False
+
+
+class LoadedModel(NamedTuple):
+    """A model ready for inference, with what `load_for_inference` resolved."""
+
+    model: GPT
+    path: str
+    device: str
+    precision: str  # the precision that runs: fp32, bf16 or int8
 
 
 def device_option() -> Any:
@@ -54,26 +85,24 @@ def stdin_is_piped() -> bool:
 
 def read_stdin() -> str:
     """All of stdin as UTF-8 text; invalid bytes are the same one-line error as `prepare -` gives."""
-    from gptcli.data import read_stdin_text
+    from gptcli.textinput import read_stdin_text
 
     return read_stdin_text()
 
 
-def load_for_inference(
-    model_spec: str | None, device_name: str, dtype_name: str, strict_precision: bool = False, one_row: bool = False
-) -> tuple[GPT, str, str, str]:
-    """The model on the chosen device and precision, with a loading line on stderr; (model, path,
-    device, the precision that runs: fp32, bf16 or int8). `one_row`: see `runtime.resolve_precision`."""
+def load_for_inference(runtime: RuntimeOptions, one_row: bool = False) -> LoadedModel:
+    """`runtime.model` on the chosen device and precision, with a loading line on stderr. `one_row`:
+    see `runtime.resolve_precision`."""
     from gptcli.checkpoint import load_model
     from gptcli.runtime import resolve_device, resolve_dtype, resolve_precision
     from gptcli.ui import console
 
-    device = resolve_device(device_name)
-    precision, note = resolve_precision(dtype_name, device, strict_precision, one_row=one_row)
+    device = resolve_device(runtime.device)
+    precision, note = resolve_precision(runtime.dtype, device, runtime.strict_precision, one_row=one_row)
     if note:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     start = time.perf_counter()
-    model, path = load_model(model_spec, device=device, dtype=resolve_dtype(precision))
+    model, path = load_model(runtime.model, device=device, dtype=resolve_dtype(precision))
     params = sum(p.numel() for p in model.parameters())
     if precision == "int8":
         from gptcli.quantize import quantize_model
@@ -84,7 +113,7 @@ def load_for_inference(
         f"{device} {precision}, loaded in {time.perf_counter() - start:.1f} s",
         markup=False, highlight=False, soft_wrap=True,
     )
-    return model, str(path), device, precision
+    return LoadedModel(model, str(path), device, precision)
 
 
 def run_conversion(
@@ -115,6 +144,7 @@ def run_conversion(
         TextColumn("{task.description}"),
         console=console,
         transient=True,
+        disable=not console.is_terminal,  # a bar only where someone watches; nothing in logs
     )
     task = progress.add_task("", total=None)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
+
+from gptcli import jsonio
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -19,7 +20,7 @@ PIPE_WIDTH = 160
 
 def shown(text: str) -> str:
     """A token's text, quoted, with newlines and other control characters escaped: `" the"`."""
-    return json.dumps(text, ensure_ascii=False)
+    return jsonio.dumps(text, ensure_ascii=False)
 
 
 def print_table(table: Table) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import typer
 
+from gptcli import jsonio
 from gptcli.commands._common import (
     RUNTIME_PANEL,
+    OutputOptions,
+    RuntimeOptions,
     device_option,
     dtype_option,
     strict_precision_option,
@@ -24,8 +27,20 @@ if TYPE_CHECKING:
     import tiktoken
 
     from gptcli.evaluate import EvalResult
+    from gptcli.model import GPT
 
 RUNTIME = RUNTIME_PANEL
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How `eval` scores text: --stride between windows (None: the context length), --batch-size
+    windows per forward pass, --max-tokens of each source (None: all), --per-token tables."""
+
+    stride: int | None = None
+    batch_size: int = 4
+    max_tokens: int | None = None
+    per_token: bool = False
 
 
 def command(
@@ -86,8 +101,9 @@ def command(
         raise UsageError("stdin ('-') can be read only once")
     set_threads(threads)
     try:
-        _run(files, run, model, stride, batch_size, max_tokens, json_output, device, dtype, strict_precision,
-             per_token)
+        _run(files, run, Scoring(stride, batch_size, max_tokens, per_token),
+             RuntimeOptions(run if run is not None else model, device, dtype, strict_precision, threads),
+             OutputOptions(json=json_output))
     except KeyboardInterrupt:
         raise GptcliError("interrupted", EXIT_INTERRUPTED) from None
 
@@ -95,7 +111,7 @@ def command(
 def _read_sources(files: list[str], run: str | None) -> list[tuple[str, str]]:
     """(name, text) of every file to score; stdin when piped and nothing else is given."""
     from gptcli.commands._common import read_stdin, stdin_is_piped
-    from gptcli.data import STDIN_NAME, read_text_file
+    from gptcli.textinput import STDIN_NAME, read_text_file
 
     if not files and run is None:
         if not stdin_is_piped():
@@ -113,71 +129,81 @@ def _read_sources(files: list[str], run: str | None) -> list[tuple[str, str]]:
     return sources
 
 
-def _run(
-    files: list[str],
-    run: str | None,
-    model_spec: str | None,
-    stride: int | None,
-    batch_size: int,
-    max_tokens: int | None,
-    json_output: bool,
-    device_name: str,
-    dtype_name: str,
-    strict_precision: bool,
-    per_token: bool = False,
-) -> None:
+def _run(files: list[str], run: str | None, scoring: Scoring, runtime: RuntimeOptions,
+         output: OutputOptions) -> None:
     from gptcli.commands._common import load_for_inference
-    from gptcli.data import tokenize
-    from gptcli.evaluate import evaluate_per_token, evaluate_run_splits, evaluate_sources, read_run_settings
+    from gptcli.evaluate import read_run_settings
+    from gptcli.kernels.decoding import PackedWeights
     from gptcli.tokenizer import get_tokenizer
-    from gptcli.ui import console
 
     if run is not None:
         read_run_settings(run)  # a clear error before loading anything
     sources = _read_sources(files, run)  # read (and fail) before the model loads
     tokenizer = get_tokenizer()
-    model, _, device, precision = load_for_inference(
-        run if run is not None else model_spec, device_name, dtype_name, strict_precision
-    )
-    context_length = model.config.context_length
-    if stride is not None and stride > context_length:
+    loaded = load_for_inference(runtime)
+    context_length = loaded.model.config.context_length
+    if scoring.stride is not None and scoring.stride > context_length:
         raise UsageError(
-            f"--stride must be between 1 and the context length ({context_length}), got {stride}"
+            f"--stride must be between 1 and the context length ({context_length}), got {scoring.stride}"
         )
-
-    results: list[EvalResult] = []
-    scores: list[tuple[EvalResult, np.ndarray, np.ndarray]] = []  # --per-token
     started = time.perf_counter()
-    if run is not None:
-        console.print(f"scoring the train and val split of {run}", markup=False, highlight=False, soft_wrap=True)
-        results += evaluate_run_splits(model, run, tokenizer, max_tokens, device)
-    if sources:
-        named = [(name, tokenize(text, tokenizer)) for name, text in sources]
-        what = named[0][0] if len(named) == 1 else f"{len(named)} sources"
-        with console.status(f"scoring {what} ({sum(len(t) for _, t in named):,} tokens)") as status:
-
-            def progress(done: int, total: int) -> None:
-                status.update(f"scoring {what}: batch {done}/{total}")
-
-            if per_token:
-                scores = evaluate_per_token(model, named, stride, batch_size, max_tokens, device, on_batch=progress)
-                results += [result for result, _, _ in scores]
-            else:
-                results += evaluate_sources(model, named, stride, batch_size, max_tokens, device, on_batch=progress)
+    with PackedWeights():  # one packing for the run's splits and every source
+        results, scores = _score(loaded.model, loaded.device, run, sources, tokenizer, scoring)
     scored = sum(r.tokens for r in results)
     seconds = time.perf_counter() - started
-    console.print(
-        f"scored {scored:,} tokens in {seconds:.1f} s ({scored / max(seconds, 1e-9):,.0f} tokens/s)",
-        markup=False, highlight=False, soft_wrap=True,
-    )
-    if per_token:
-        _print_per_token(scores, tokenizer, precision, json_output)
-    elif json_output:
-        for result in results:
-            sys.stdout.write(json.dumps({**result.to_dict(), "dtype": precision}, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+    _say(f"scored {scored:,} tokens in {seconds:.1f} s ({scored / max(seconds, 1e-9):,.0f} tokens/s)")
+    if scoring.per_token:
+        _print_per_token(scores, tokenizer, loaded.precision, output.json)
+    elif output.json:
+        _print_json(results, loaded.precision)
     else:
         _print_table(results)
+
+
+def _score(
+    model: GPT, device: str, run: str | None, sources: list[tuple[str, str]], tokenizer: tiktoken.Encoding,
+    scoring: Scoring,
+) -> tuple[list[EvalResult], list[tuple[EvalResult, np.ndarray, np.ndarray]]]:
+    """The results of the run's splits and of the sources, and with --per-token each source's tokens
+    and their losses."""
+    from gptcli.data import tokenize
+    from gptcli.evaluate import evaluate_per_token, evaluate_run_splits, evaluate_sources
+    from gptcli.ui import console
+
+    results: list[EvalResult] = []
+    scores: list[tuple[EvalResult, np.ndarray, np.ndarray]] = []
+    if run is not None:
+        _say(f"scoring the train and val split of {run}")
+        results += evaluate_run_splits(model, run, tokenizer, scoring.max_tokens, device)
+    if not sources:
+        return results, scores
+    named = [(name, tokenize(text, tokenizer)) for name, text in sources]
+    what = named[0][0] if len(named) == 1 else f"{len(named)} sources"
+    with console.status(f"scoring {what} ({sum(len(t) for _, t in named):,} tokens)") as status:
+
+        def progress(done: int, total: int) -> None:
+            status.update(f"scoring {what}: batch {done}/{total}")
+
+        common = (scoring.stride, scoring.batch_size, scoring.max_tokens, device)
+        if scoring.per_token:
+            scores = evaluate_per_token(model, named, *common, on_batch=progress)
+            results += [result for result, _, _ in scores]
+        else:
+            results += evaluate_sources(model, named, *common, on_batch=progress)
+    return results, scores
+
+
+def _say(line: str) -> None:
+    """A line on stderr, as printed (no markup)."""
+    from gptcli.ui import console
+
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_json(results: list[EvalResult], precision: str) -> None:
+    for result in results:
+        sys.stdout.write(jsonio.dumps({**result.to_dict(), "dtype": precision}, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
 
 
 def _print_per_token(
@@ -187,7 +213,6 @@ def _print_per_token(
     """--per-token: each source's tokens 1.. with the probability and loss of each (token 0 is context)."""
     import math
 
-    from gptcli import jsonio
     from gptcli.commands._tables import per_token_table, print_table, shown
     from gptcli.tokenizer import token_text
 

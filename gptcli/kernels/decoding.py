@@ -7,6 +7,13 @@ gptcli.batched) go through oneDNN's prepacked weights: float32 2-4x faster than 
 packing is unavailable, float32 steps of up to DECODE_ROWS rows split the weight's rows over the
 threads with one batched matmul.
 
+Prepacked copies belong to a decoding scope (`with PackedWeights():`), entered by what decodes or
+scores without autograd (gptcli.batched, gptcli.beam, gptcli.evaluate, `sample`, `eval`): made on
+first use inside it and dropped with it. Outside a scope nothing is packed. A copy cannot notice
+every change of its weight (torch's fused optimizers update parameters without bumping their
+version counter), so no copy may outlive the decode that made it: training's epoch sample packs the
+weights as that epoch left them, and no optimizer needs to know about decoding.
+
 Private torch APIs: `torch.ops.mkldnn._is_mkldnn_bf16_supported`, `_reorder_linear_weight` and
 `_linear_pointwise`. Without them bfloat16 falls back to `F.linear` and float32 to the split
 product (public ops only). Anything else (more rows, autograd, autocast, another device, other
@@ -15,7 +22,8 @@ weight dtypes such as gptcli.quantize's int8 layers) falls back to the layer's o
 
 from __future__ import annotations
 
-import weakref
+from contextvars import ContextVar, Token
+from types import TracebackType
 
 import torch
 import torch.nn.functional as F
@@ -38,31 +46,54 @@ try:
 except (AttributeError, RuntimeError):  # pragma: no cover - torch without oneDNN
     _BF16_KERNELS = False
 
-_packed_weights: dict[int, tuple[weakref.ref, tuple[int, int], torch.Tensor]] = {}
+
+class PackedWeights:
+    """A decoding scope: oneDNN's prepacked copies of the float32 and bfloat16 weights that decoding
+    steps multiply by while the scope is active (`with scope:`), each made on first use.
+
+    Entering a scope while another is active keeps the outer one in charge, so nested decodes (the
+    prompts of one `sample` run) share one packing. A decoder may hold a scope across its steps and
+    activate it around each step only, so that it is not active while a caller holds a token."""
+
+    def __init__(self) -> None:
+        # id(weight) -> (the weight, its (data_ptr, version) when packed, the packed copy)
+        self._copies: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = {}
+        self._tokens: list[Token[PackedWeights | None]] = []
+
+    def __enter__(self) -> PackedWeights:
+        outer = _active.get()
+        self._tokens.append(_active.set(outer if outer is not None else self))
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        _active.reset(self._tokens.pop())
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def packed(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The prepacked copy of `weight` (rebuilt when an in-place op changed it within the scope),
+        or None where torch lacks the op."""
+        key = (weight.data_ptr(), weight._version)
+        cached = self._copies.get(id(weight))
+        if cached is not None and cached[0] is weight and cached[1] == key:
+            return cached[2]
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT[weight.dtype])
+        except (AttributeError, RuntimeError, KeyError):
+            return None
+        self._copies[id(weight)] = (weight, key, packed)
+        return packed
 
 
-def _packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's prepacked copy of a float32 or bfloat16 weight (built once, rebuilt when the weight
-    changes), or None where torch lacks the op."""
-    key = (weight.data_ptr(), weight._version)
-    cached = _packed_weights.get(id(weight))
-    if cached is not None and cached[0]() is weight and cached[1] == key:
-        return cached[2]
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT[weight.dtype])
-    except (AttributeError, RuntimeError, KeyError):
-        return None
-    ident = id(weight)
-    _packed_weights[ident] = (weakref.ref(weight, lambda _: _packed_weights.pop(ident, None)), key, packed)
-    return packed
+_active: ContextVar[PackedWeights | None] = ContextVar("gptcli_packed_weights", default=None)
 
 
-def forget_packed_weights() -> None:
-    """Drop every prepacked copy. The cache notices weights replaced or changed by ordinary in-place
-    ops (their version counter), but fused optimizers update parameters without bumping it, so an
-    optimizer step must call this (gptcli.optim.adamw does) or a later decoding step would multiply
-    by the weights of before the step."""
-    _packed_weights.clear()
+def active_scope() -> PackedWeights | None:
+    """The decoding scope in charge here, if any."""
+    return _active.get()
 
 
 def _split_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
@@ -93,8 +124,9 @@ def decoding_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     weight, bias = layer.weight, layer.bias
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() > PACKED_ROWS * x.shape[-1]:
         return None
-    if _packable(weight, x):
-        packed = _packed(weight)
+    scope = _active.get()
+    if scope is not None and _packable(weight, x):
+        packed = scope.packed(weight)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     parts = torch.get_num_threads()
