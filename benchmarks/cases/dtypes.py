@@ -39,6 +39,7 @@ def dtypes(suite: Suite) -> None:
     """Single-stream greedy decoding in fp32, bf16 and int8, interleaved, and int8's perplexity
     against fp32's on the-verdict (the same random GPT-2 124M weights)."""
     from gptcli.generate import generate as gptcli_generate
+    from gptcli.kernels.decoding import PackedWeights
     from gptcli.quantize import quantize_model
     from gptcli.runtime import bf16_is_native
 
@@ -49,7 +50,12 @@ def dtypes(suite: Suite) -> None:
     prompt = torch.tensor([PROMPT])
 
     def run(model: GPT) -> Callable[[], float]:
-        return lambda: len(gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0])
+        scope = PackedWeights()  # packed once per model, as one `sample` run does for all its prompts
+
+        def decode() -> float:
+            with scope:
+                return len(gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0])
+        return decode
 
     case = f"decode {n} tokens by dtype"
     log(f"  {case}")

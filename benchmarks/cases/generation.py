@@ -19,9 +19,15 @@ def generators(models: dict[str, Any], prompt: torch.Tensor, n: int) -> dict[str
     return the new tokens: the chapter's loop, gptcli's `generate`, and Hugging Face's when loaded."""
     from benchmarks.chapter import generate_text
     from gptcli.generate import generate as gptcli_generate
+    from gptcli.kernels.decoding import PackedWeights
 
     def gptcli_fn(model: Any) -> Callable[[], list[int]]:
-        return lambda: gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0]
+        scope = PackedWeights()  # packed once per model, as one `sample` run does for all its prompts
+
+        def run() -> list[int]:
+            with scope:
+                return gptcli_generate(model, prompt, max_new_tokens=n, stop_at_eos=False)[0]
+        return run
 
     def hf_fn(model: Any) -> Callable[[], list[int]]:
         def run() -> list[int]:
