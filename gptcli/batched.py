@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gptcli.errors import UsageError
+from gptcli.errors import GptcliError, UsageError
 from gptcli.kernels.decoding import PackedWeights
 from gptcli.logprobs import step_logprobs
 from gptcli.model import KVCache
@@ -195,7 +195,9 @@ class Batch:
             window = [r.ids[-self.context_length :] for r in self.windowed]
             parts.append(self.model(torch.tensor(window, device=self.device), last_only=True)[:, -1])
             rows = rows + self.windowed
-        return rows, torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+        logits = torch.cat(parts).float() if len(parts) > 1 else parts[0].float()
+        check_finite(logits)
+        return rows, logits
 
     def settle(self, rows: list[Row], done: list[bool]) -> list[int]:
         """After a step that gave each of `rows` (`logits`' order) a token: finished rows leave, rows
@@ -248,6 +250,17 @@ class Batch:
         self.settle(children, [False] * len(children))
         if self.windowed:
             self.slots = []  # every beam left together
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Refuse a step whose logits hold NaN or inf (NaN weights, or an overflow in a low precision):
+    sampling would fail deep in torch, and greedy or beam search would pick garbage. One reduction
+    per step, in the one place every decoder (sampling, greedy, beams) takes its logits from."""
+    if not bool(torch.isfinite(logits).all()):
+        raise GptcliError(
+            "the model produced non-finite logits (NaN/inf): its weights may hold NaN or inf, or its "
+            "activations overflow at this precision; check the model file, or run it at --dtype fp32"
+        )
 
 
 PADDING_SHARE = 0.25

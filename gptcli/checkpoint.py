@@ -78,10 +78,35 @@ def resolve_model_path(spec: str | Path | None) -> Path:
     return path
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_file(path: str | Path) -> None:
+    """One clear line for files that are not safetensors at all, before safetensors reads a bogus
+    header size from their first bytes (a GGUF file would be "header too large")."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise GptcliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not head:
+        raise GptcliError(
+            f"{path} is not a readable safetensors file (it is empty: 0 bytes; was it written completely?)"
+        )
+    if head == GGUF_MAGIC:
+        # `gptcli convert` writes GGUF (--to gguf) but does not read it (gptcli.formats.registry.READERS).
+        raise GptcliError(
+            f"{path} is a GGUF file (llama.cpp's format): gptcli writes GGUF for llama.cpp but reads only "
+            "safetensors model files; `gptcli convert` reads OpenAI checkpoints, Hugging Face models, gptcli "
+            "and book (the chapter's) safetensors files"
+        )
+
+
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """A safetensors file's metadata and tensor shapes, from its header alone (no tensor is read)."""
     from safetensors import safe_open
 
+    check_model_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}

@@ -160,7 +160,17 @@ def sampling_probs(logits: torch.Tensor, settings: DecodeSettings) -> torch.Tens
         return None
     if settings.top_k is not None:
         logits = top_k_filter(logits, settings.top_k)
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    scaled = logits / settings.temperature
+    # A tiny temperature (e.g. 1e-45) makes logits / T overflow: +inf, or -inf for every logit of a
+    # row, and softmax then gives NaN. The limit of softmax(logits / T) as T -> 0 is the argmax, so a
+    # row whose largest scaled logit is not finite samples its argmax, as greedy decoding would (the
+    # engine refuses non-finite logits before this, so the overflow is the temperature's). Rows that
+    # do not overflow keep the plain softmax, bit for bit.
+    overflow = ~torch.isfinite(scaled.amax(dim=-1, keepdim=True))
+    probs = torch.softmax(scaled, dim=-1)
+    if bool(overflow.any()):
+        greedy = torch.zeros_like(probs).scatter(-1, torch.argmax(logits, dim=-1, keepdim=True), 1.0)
+        probs = torch.where(overflow, greedy, probs)
     if settings.top_p is not None and settings.top_p < 1.0:
         probs = top_p_filter(probs, settings.top_p)
     return probs

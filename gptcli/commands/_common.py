@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import typer
 
 if TYPE_CHECKING:
+    from gptcli.config import GPTConfig
     from gptcli.convert import ConvertResult
     from gptcli.model import GPT
 
@@ -24,13 +26,15 @@ RUNTIME_PANEL = "Model and runtime"
 @dataclass(frozen=True)
 class RuntimeOptions:
     """Which model runs where, and how (`sample`, `eval`): --model (a run directory or .safetensors
-    file; None: runs/latest), --device, --dtype, --strict-precision, --threads (None: torch's choice)."""
+    file; None: runs/latest), --device, --dtype, --strict-precision, --threads (None: torch's choice),
+    --ignore-memory-check (run even when the memory estimate exceeds what the machine has)."""
 
     model: str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     strict_precision: bool = False
     threads: int | None = None
+    ignore_memory_check: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,35 @@ def threads_option() -> Any:
     )
 
 
+def ignore_memory_check_option() -> Any:
+    """`--ignore-memory-check`, declared here once for `sample` and `eval` (gptcli.limits.OVERRIDE)."""
+    return typer.Option(
+        False, "--ignore-memory-check", rich_help_panel=RUNTIME_PANEL,
+        help="Run even when the memory estimate (weights, key/value cache or activations, logits) exceeds "
+        "the memory this machine has available.",
+    )
+
+
+Plan = Callable[["GPTConfig"], tuple[int, int, int]]
+"""From the model's config (read from the file's header): the rows a command runs at once, their
+length in tokens (what the key/value cache or a window holds) and any further bytes they hold (e.g.
+the new tokens kept until a row finishes, full-sequence logits), for the memory estimate made
+before the weights are loaded."""
+
+
+def check_inference_memory(runtime: RuntimeOptions, config: GPTConfig, precision: str, plan: Plan | None,
+                           what: str) -> None:
+    """Refuse (exit 2) a run whose estimate (gptcli.limits.decoding_bytes) exceeds the memory available:
+    weights at their precision (int8 quantizes after an fp32 load), plus `plan`'s rows x length."""
+    from gptcli.limits import check_memory, decoding_bytes
+
+    rows, length, extra = plan(config) if plan is not None else (1, config.context_length, 0)
+    bytes_per_weight = 2 if precision == "bf16" else 4
+    needed = decoding_bytes(config, rows, length, bytes_per_weight) + extra
+    shape = f"{rows:,} {'row' if rows == 1 else 'rows'} of {length:,} tokens at once"
+    check_memory(needed, f"{what} ({shape})", runtime.ignore_memory_check)
+
+
 def stdin_is_piped() -> bool:
     return sys.stdin is not None and not sys.stdin.isatty()
 
@@ -90,10 +123,12 @@ def read_stdin() -> str:
     return read_stdin_text()
 
 
-def load_for_inference(runtime: RuntimeOptions, one_row: bool = False) -> LoadedModel:
+def load_for_inference(runtime: RuntimeOptions, one_row: bool = False, plan: Plan | None = None,
+                       what: str = "this run") -> LoadedModel:
     """`runtime.model` on the chosen device and precision, with a loading line on stderr. `one_row`:
-    see `runtime.resolve_precision`."""
-    from gptcli.checkpoint import load_model
+    see `runtime.resolve_precision`. The model's config is read from the file's header first, and the
+    memory the run needs (`plan`, see `check_inference_memory`) checked before any weight is loaded."""
+    from gptcli.checkpoint import load_config, load_model, resolve_model_path
     from gptcli.runtime import resolve_device, resolve_dtype, resolve_precision
     from gptcli.ui import console
 
@@ -101,8 +136,10 @@ def load_for_inference(runtime: RuntimeOptions, one_row: bool = False) -> Loaded
     precision, note = resolve_precision(runtime.dtype, device, runtime.strict_precision, one_row=one_row)
     if note:
         console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    path = resolve_model_path(runtime.model)
+    check_inference_memory(runtime, load_config(path), precision, plan, what)
     start = time.perf_counter()
-    model, path = load_model(runtime.model, device=device, dtype=resolve_dtype(precision))
+    model, path = load_model(path, device=device, dtype=resolve_dtype(precision))
     params = sum(p.numel() for p in model.parameters())
     if precision == "int8":
         from gptcli.quantize import quantize_model

@@ -73,14 +73,16 @@ class Printer:
                  options: SampleOutput) -> None:
         self.tokenizer, self.settings, self.model_path, self.precision = tokenizer, settings, model_path, precision
         self.options = options
-        self.rows: list[_RowText] = []
+        self.rows: dict[int, _RowText] = {}  # rows added and not printed yet (a printed row is let go)
+        self.added = 0
         self.head = 0  # the first row not printed in full
         self.head_started = False  # whether the head row's prompt is printed (--stream)
         self.total_tokens = 0
 
     def add_row(self, prompt: Prompt, seed: int | None) -> int:
-        self.rows.append(_RowText(self.tokenizer, prompt, seed))
-        return len(self.rows) - 1
+        self.rows[self.added] = _RowText(self.tokenizer, prompt, seed)
+        self.added += 1
+        return self.added - 1
 
     def _text(self, text: str) -> str:
         return _one_line(text) if self.options.each_line else text
@@ -105,8 +107,8 @@ class Printer:
     def finished(self, index: int, generation: Generation) -> None:
         self.rows[index].generation = generation
         self.total_tokens += len(generation.token_ids)
-        while self.head < len(self.rows) and self.rows[self.head].generation is not None:
-            row = self.rows[self.head]
+        while self.head in self.rows and self.rows[self.head].generation is not None:
+            row = self.rows.pop(self.head)
             if not self.head_started:
                 self._begin(row)
             if self.options.stream:
@@ -117,7 +119,7 @@ class Printer:
                 self._print_logprobs(row.generation)  # type: ignore[arg-type]
             self.head += 1
             self.head_started = False
-        if self.options.stream and self.head < len(self.rows) and self.rows[self.head].pending:
+        if self.options.stream and self.head in self.rows and self.rows[self.head].pending:
             self._begin(self.rows[self.head])  # the next row's text so far, then it streams live
 
     def _print_whole(self, row: _RowText) -> None:

@@ -16,6 +16,7 @@ from gptcli.commands._common import (
     RuntimeOptions,
     device_option,
     dtype_option,
+    ignore_memory_check_option,
     strict_precision_option,
     threads_option,
 )
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     import numpy as np
     import tiktoken
 
+    from gptcli.config import GPTConfig
     from gptcli.evaluate import EvalResult
     from gptcli.model import GPT
 
@@ -83,6 +85,7 @@ def command(
     dtype: InferenceDtype = dtype_option(),
     strict_precision: bool = strict_precision_option(),
     threads: int | None = threads_option(),
+    ignore_memory_check: bool = ignore_memory_check_option(),
 ) -> None:
     from gptcli.runtime import set_threads
 
@@ -102,7 +105,8 @@ def command(
     set_threads(threads)
     try:
         _run(files, run, Scoring(stride, batch_size, max_tokens, per_token),
-             RuntimeOptions(run if run is not None else model, device, dtype, strict_precision, threads),
+             RuntimeOptions(run if run is not None else model, device, dtype, strict_precision, threads,
+                            ignore_memory_check),
              OutputOptions(json=json_output))
     except KeyboardInterrupt:
         raise GptcliError("interrupted", EXIT_INTERRUPTED) from None
@@ -136,11 +140,14 @@ def _run(files: list[str], run: str | None, scoring: Scoring, runtime: RuntimeOp
     from gptcli.kernels.decoding import PackedWeights
     from gptcli.tokenizer import get_tokenizer
 
-    if run is not None:
-        read_run_settings(run)  # a clear error before loading anything
+    run_batch = read_run_settings(run).batch_size if run is not None else 0  # a clear error before loading
     sources = _read_sources(files, run)  # read (and fail) before the model loads
     tokenizer = get_tokenizer()
-    loaded = load_for_inference(runtime)
+
+    def plan(config: GPTConfig) -> tuple[int, int, int]:
+        return _windows_at_once(config, sources, scoring, run_batch)
+
+    loaded = load_for_inference(runtime, plan=plan, what="scoring")
     context_length = loaded.model.config.context_length
     if scoring.stride is not None and scoring.stride > context_length:
         raise UsageError(
@@ -158,6 +165,24 @@ def _run(files: list[str], run: str | None, scoring: Scoring, runtime: RuntimeOp
         _print_json(results, loaded.precision)
     else:
         _print_table(results)
+
+
+def _windows_at_once(config: GPTConfig, sources: list[tuple[str, str]], scoring: Scoring, run_batch: int
+                     ) -> tuple[int, int, int]:
+    """What `eval` scores at once, for the memory check (see `_common.Plan`): --batch-size windows of
+    the context length (fewer when the sources hold fewer: a token is at least a byte, and windows
+    start every --stride tokens), or the run's own batch size with --run; and their logits, every
+    position's, twice (the logits and their log-softmax)."""
+    context = config.context_length
+    stride = min(scoring.stride or context, context)
+    windows = 0
+    for _, text in sources:
+        tokens = len(text.encode("utf-8"))
+        if scoring.max_tokens is not None:
+            tokens = min(tokens, scoring.max_tokens)
+        windows += -(-tokens // stride) + 1
+    rows = max(run_batch, min(scoring.batch_size, windows))
+    return rows, context, 2 * rows * context * config.vocab_size * 4
 
 
 def _score(

@@ -14,6 +14,7 @@ from gptcli.commands._common import (
     RuntimeOptions,
     device_option,
     dtype_option,
+    ignore_memory_check_option,
     load_for_inference,
     read_stdin,
     stdin_is_piped,
@@ -27,8 +28,11 @@ from gptcli.sampling import DEFAULT_BATCH_SIZE
 from gptcli.settings import DEFAULT_PROMPT, Device, InferenceDtype
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import tiktoken
 
+    from gptcli.config import GPTConfig
     from gptcli.model import GPT
     from gptcli.sampling import DecodeSettings
 
@@ -37,6 +41,11 @@ MAX_LENGTH_PENALTY = 10.0  # length ** penalty must stay a finite, non-zero floa
 DECODING = "Decoding"
 OUTPUT = "Input and output"
 RUNTIME = RUNTIME_PANEL
+CHUNK_ROWS = 4096
+"""Rows handed to the engine at a time (at least --batch-size): prompts x --num-samples rows are made
+as they are needed, so a huge --num-samples streams its samples instead of listing them all first."""
+HELD_TOKEN_BYTES = 64
+"""About what a new token costs until its row finishes (its id in the row's lists, its text)."""
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,10 @@ def _prompt_texts(prompt: str | None, each_line: bool) -> list[str]:
 
 
 def _tokenize_prompts(
-    texts: list[str], tokenizer: tiktoken.Encoding, model: GPT, each_line: bool
+    texts: list[str], tokenizer: tiktoken.Encoding, config: GPTConfig, each_line: bool
 ) -> list[Prompt]:
     from gptcli.tokenizer import EOT_ID, encode
 
-    config = model.config
     prompts = []
     for number, text in enumerate(texts, start=1):
         label = f"line {number}" if each_line else "the prompt"
@@ -91,24 +99,30 @@ def _tokenize_prompts(
 
 
 def _decode_rows(
-    model: GPT, rows: list[tuple[Prompt, int | None]], settings: DecodeSettings, batch_size: int, out: Printer,
-    log: Log,
+    model: GPT, all_rows: Iterator[tuple[Prompt, int | None]], settings: DecodeSettings, batch_size: int,
+    out: Printer, log: Log,
 ) -> None:
-    """Every (prompt, seed) row decoded in batches (gptcli.batched), printed through `out`."""
+    """Every (prompt, seed) row decoded in batches (gptcli.batched), printed through `out`, CHUNK_ROWS
+    rows at a time (each row gives the same tokens whatever its neighbours)."""
+    from itertools import islice
+
     from gptcli.batched import decode_batch
 
     started = time.perf_counter()
-    for prompt, seed in rows:
-        out.add_row(prompt, seed)
-    events = decode_batch(model, [p.ids for p, _ in rows], settings, [s for _, s in rows], batch_size,
-                          tokens=out.options.stream, logprobs=out.options.logprobs)
-    for event in events:
-        if event.generation is None:
-            out.token(event.row, event.token)  # type: ignore[arg-type]
-            continue
-        out.finished(event.row, event.generation)
-        label = rows[event.row][0].label
-        log(f"row {event.row + 1} ({label})", len(event.generation.token_ids), time.perf_counter() - started)
+    while rows := list(islice(all_rows, max(batch_size, CHUNK_ROWS))):
+        first = out.added
+        for prompt, seed in rows:
+            out.add_row(prompt, seed)
+        events = decode_batch(model, [p.ids for p, _ in rows], settings, [s for _, s in rows], batch_size,
+                              tokens=out.options.stream, logprobs=out.options.logprobs)
+        for event in events:
+            if event.generation is None:
+                out.token(first + event.row, event.token)  # type: ignore[arg-type]
+                continue
+            out.finished(first + event.row, event.generation)
+            label = rows[event.row][0].label
+            log(f"row {first + event.row + 1} ({label})", len(event.generation.token_ids),
+                time.perf_counter() - started)
 
 
 def _beam_rows(model: GPT, prompts: list[Prompt], settings: DecodeSettings, num_samples: int, out: Printer,
@@ -209,6 +223,7 @@ def command(
     dtype: InferenceDtype = dtype_option(),
     strict_precision: bool = strict_precision_option(),
     threads: int | None = threads_option(),
+    ignore_memory_check: bool = ignore_memory_check_option(),
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", rich_help_panel=RUNTIME,
         help="Rows (every prompt or line x --num-samples) decoded together; each row gives the same tokens "
@@ -230,7 +245,7 @@ def command(
     set_threads(threads)
     try:
         _run(prompt, settings, RowOptions(num_samples, seed, batch_size),
-             RuntimeOptions(model, device, dtype, strict_precision, threads), output)
+             RuntimeOptions(model, device, dtype, strict_precision, threads, ignore_memory_check), output)
     except KeyboardInterrupt:
         if stream:
             write("\n")
@@ -277,8 +292,13 @@ def _run(prompt_arg: str | None, settings: DecodeSettings, rows: RowOptions, run
     texts = _prompt_texts(prompt_arg, output.each_line)
     tokenizer = get_tokenizer()
     one_row = settings.beam_width == 1 and (len(texts) * rows.num_samples == 1 or rows.batch_size == 1)
-    loaded = load_for_inference(runtime, one_row)
-    prompts = _tokenize_prompts(texts, tokenizer, loaded.model, output.each_line)  # all checked before any output
+    prompts: list[Prompt] = []
+
+    def plan(config: GPTConfig) -> tuple[int, int, int]:
+        prompts.extend(_tokenize_prompts(texts, tokenizer, config, output.each_line))  # all checked first
+        return _rows_at_once(config, prompts, settings, rows)
+
+    loaded = load_for_inference(runtime, one_row, plan, f"decoding up to {settings.max_new_tokens:,} new tokens")
     base_seed = _base_seed(settings, rows.seed, output.verbose)
     log = _log_lines(output.verbose)
     out = Printer(tokenizer, settings, loaded.path, loaded.precision, output)
@@ -287,12 +307,30 @@ def _run(prompt_arg: str | None, settings: DecodeSettings, rows: RowOptions, run
         if settings.beam_width > 1:
             _beam_rows(loaded.model, prompts, settings, rows.num_samples, out, log)
         else:
-            seeds = [None if base_seed is None else base_seed + i for i in range(rows.num_samples)]
-            _decode_rows(loaded.model, [(p, s) for p in prompts for s in seeds], settings, rows.batch_size, out, log)
+            all_rows = ((p, None if base_seed is None else base_seed + i)
+                        for p in prompts for i in range(rows.num_samples))
+            _decode_rows(loaded.model, all_rows, settings, rows.batch_size, out, log)
     total_tokens = out.total_tokens
     seconds = time.perf_counter() - started
     _say(f"generated {total_tokens} tokens in {seconds:.1f} s"
          + (f" ({total_tokens / max(seconds, 1e-9):.1f} tokens/s)" if output.verbose else ""))
+
+
+def _rows_at_once(config: GPTConfig, prompts: list[Prompt], settings: DecodeSettings, rows: RowOptions
+                  ) -> tuple[int, int, int]:
+    """What `sample` decodes at once, for the memory check (see `_common.Plan`): the beams, or
+    --batch-size rows (fewer when there are fewer rows); a cache as long as gptcli.batched.start makes
+    it (the longest prompt and the new tokens, at most the context: longer rows slide a window); and
+    the new tokens each row keeps until it finishes (a beam's up to its prompt's length more)."""
+    longest = max(len(p.ids) for p in prompts)
+    if settings.beam_width > 1:
+        at_once = settings.beam_width
+        held = 2 * at_once * (longest + settings.max_new_tokens)  # the live beams and as many finished
+    else:
+        at_once = min(rows.batch_size, len(prompts) * rows.num_samples)
+        held = at_once * settings.max_new_tokens
+    length = min(config.context_length, longest + settings.max_new_tokens - 1)
+    return at_once, length, held * HELD_TOKEN_BYTES
 
 
 def _base_seed(settings: DecodeSettings, seed: int | None, verbose: bool) -> int | None:
