@@ -246,7 +246,7 @@ def prepared_splits(directory: str | Path) -> Splits:
             found = "is missing" if size is None else f"has {size:,} bytes"
             raise GptcliError(
                 f"{path} {found} but meta.json says {tokens:,} {dtype} tokens ({expected:,} bytes): the data "
-                "is incomplete or was changed; run `gptcli prepare` again"
+                f"is incomplete or was changed; prepare it again with `gptcli prepare TEXT --out {directory} --force`"
             )
         # Read-only map: pages come from the file on demand, the corpus is never loaded whole.
         array = np.memmap(path, dtype=dtype, mode="r") if tokens else np.zeros(0, dtype=dtype)

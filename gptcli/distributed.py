@@ -79,6 +79,24 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
 
 
+class PeerLost(GptcliError):
+    """Another training process died (killed, out of memory) and took the process group with it:
+    the launcher reports that one (`launch`, or torchrun's own report); this one exits without a
+    word, instead of the collective's traceback after the launcher's line."""
+
+
+def check_peers(exc: BaseException, world_size: int) -> None:
+    """Raise `PeerLost` when `exc` is a collective failing because another rank is gone."""
+    if world_size <= 1 or not isinstance(exc, RuntimeError):
+        return
+    import torch.distributed
+
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    signs = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer", "Broken pipe")
+    if isinstance(exc, backend_error) or any(sign in str(exc) for sign in signs):
+        raise PeerLost(f"another training process failed ({str(exc).splitlines()[0][:120]})") from None
+
+
 @dataclass
 class Distributed:
     rank: int = 0

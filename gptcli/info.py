@@ -56,7 +56,10 @@ def detect_kind(source: Path) -> str:
 
 def model_info(source: str | Path, n_heads: int | None = None) -> dict[str, Any]:
     """Everything `gptcli info` shows about `source`, as a JSON-ready dict."""
+    from gptcli.paths import check_not_dangling
+
     source = Path(source)
+    check_not_dangling(source, "run or file")
     if not source.exists() and not Path(f"{source}.index").exists():
         raise GptcliError(f"not found: {source}")
     kind = detect_kind(source)
@@ -87,6 +90,7 @@ def describe_run(run_dir: Path) -> Description:
     from gptcli.settings import RUN_FILE, TrainSettings
 
     model_file = resolve_model_path(run_dir)
+    config = load_config(model_file)  # the checked reader first: a damaged file is one line
     settings = TrainSettings.from_file(run_dir) if (run_dir / RUN_FILE).is_file() else None
     trainer = _run_trainer_state(run_dir, model_file)
     origin = {
@@ -102,4 +106,4 @@ def describe_run(run_dir: Path) -> Description:
         "last_evaluations": read_metrics(run_dir)[-LAST_EVALUATIONS:],
     }
     dtypes = safetensors_dtypes([model_file])
-    return Description(load_config(model_file), [model_file.resolve()], dtypes, origin)
+    return Description(config, [model_file.resolve()], dtypes, origin)

@@ -87,18 +87,41 @@ def choices(hint: Any) -> tuple[str, ...]:
     return ()
 
 
-def check_options(values: object) -> None:
+def check_options(values: object, keys: bool = False) -> None:
     """Every option field of the dataclass instance `values` in range and among its choices, in
-    declaration order: the first that is not is a usage error naming the option."""
+    declaration order: the first that is not is a usage error naming the option (with `keys`, the
+    field, as a stored file names it: `lr`, not `--lr`)."""
     for field, spec, hint in declared(type(values)):
         value = getattr(values, field.name)
         if value is None:
             continue
+        name = field.name if keys else spec.name(field.name)
         if spec.check is not None:
-            spec.check(spec.name(field.name), value)
+            spec.check(name, value)
         allowed = choices(hint)
         if allowed and value not in allowed:
-            raise UsageError(f"{spec.name(field.name)} must be one of {', '.join(allowed)}, got {value!r}")
+            raise UsageError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+_TYPES: dict[Any, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
+def check_types(cls: type, data: dict[str, Any]) -> None:
+    """Stored values (JSON) of the dataclass `cls`'s fields, each of its field's type (an int is no
+    bool, a bool no int): the first that is not is a usage error naming the key. Choices and ranges
+    are `check_options`'s; fields of other types (a nested config) are their own class's."""
+    hints = _hints(cls)
+    for name, value in data.items():
+        args = get_args(hints[name]) if get_origin(hints[name]) in (Union, types.UnionType) else (hints[name],)
+        if value is None and type(None) in args:
+            continue
+        known = [_TYPES[arg] for arg in args if arg in _TYPES]
+        if known and not any(isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+                             for kinds, _ in known):
+            raise UsageError(f"{name} must be {' or '.join(what for _, what in known)}, got {value!r}")
 
 
 # --- range checks -------------------------------------------------------------------------------

@@ -38,6 +38,15 @@ def check_can_create(path: str | Path) -> None:
             return
 
 
+def check_not_dangling(path: Path, what: str) -> None:
+    """A one-line usage error when `path` is a link that points nowhere (`runs/latest` after its run
+    was deleted), instead of a misleading "not found" or "not a run directory"."""
+    from gptcli.errors import UsageError
+
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{path} points at {os.readlink(path)}, which does not exist (the {what} it named is gone)")
+
+
 def display_path(path: str | Path) -> str:
     """`path` as text that can always be printed and written as UTF-8: bytes of the file name that
     are not UTF-8 (Python keeps them as lone surrogates) are shown as `\\xff` escapes."""

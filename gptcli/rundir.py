@@ -72,8 +72,19 @@ def step_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def check_checkpoints_dir(run_dir: Path) -> None:
+    """One line when something other than a directory stands where the run keeps its checkpoints
+    (never read as "no checkpoint yet", which would start the run again and rewrite its files)."""
+    checkpoints = run_dir / CHECKPOINTS
+    if (checkpoints.exists() or checkpoints.is_symlink()) and not checkpoints.is_dir():
+        what = "a link to nowhere" if not checkpoints.exists() else "a file"
+        raise GptcliError(f"{checkpoints} is {what}, not the run's checkpoint directory; move it away "
+                          "(or restore the directory) and try again")
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The committed checkpoint directory, or None when no checkpoint was committed."""
+    check_checkpoints_dir(run_dir)
     link = run_dir / CHECKPOINTS / LATEST
     if not link.is_symlink():
         return None
@@ -97,10 +108,24 @@ def checkpoint_to_resume(run_dir: Path) -> Path | None:
     return None
 
 
+def kept_after_stop(run_dir: Path | None) -> str:
+    """What a run stopped at any instant keeps, read from the directory itself (never assumed)."""
+    try:
+        checkpoint = checkpoint_to_resume(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    except GptcliError:
+        checkpoint = None
+    if run_dir is None or checkpoint is None:
+        return "no checkpoint was saved"
+    step = step_of(checkpoint.name)
+    which = f" (step {step})" if step is not None else ""
+    return f"the last committed checkpoint{which} is kept; continue with: gptcli train --resume {run_dir}"
+
+
 def write_checkpoint(run_dir: Path, step: int, writers: dict[str, Callable[[Path], None]]) -> Path:
     """Write one checkpoint's files (each by its `writer(path)`) durably into `step-NNNNNN`;
     not yet committed. On any failure the partial directory is removed."""
     checkpoints = run_dir / CHECKPOINTS
+    check_checkpoints_dir(run_dir)
     checkpoints.mkdir(exist_ok=True)
     final = checkpoints / f"step-{step:06d}"
     committed = latest_checkpoint(run_dir)
@@ -248,10 +273,35 @@ def point_latest(run_dir: Path) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's evaluations, the one reader of metrics.jsonl. A last line cut short (the process
+    died while appending it, so no newline ends it) is dropped, as append-only logs do; a damaged
+    line anywhere else is one error naming the file and the line."""
     path = run_dir / METRICS_FILE
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise GptcliError(f"cannot read {path}: {exc.strerror}") from None
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline, as every complete write does
+    metrics = [_metrics_line(path, number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if torn.strip():
+        try:
+            metrics.append(_metrics_line(path, len(lines) + 1, torn))
+        except GptcliError:
+            pass  # the write the process did not finish
+    return metrics
+
+
+def _metrics_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise GptcliError(f"{path} is damaged: line {number} is not a JSON evaluation ({exc})") from None
+    if not (isinstance(entry, dict) and isinstance(entry.get("step"), int)):
+        raise GptcliError(f"{path} is damaged: line {number} is not an evaluation (it needs an integer step)")
+    return entry
 
 
 class RunDirectory:
@@ -309,6 +359,8 @@ class RunDirectory:
         return step_dir
 
     def _save_error(self, exc: Exception) -> GptcliError:
+        if isinstance(exc, GptcliError):
+            return GptcliError(f"cannot save a checkpoint: {exc.message}; {self.kept('last complete')}")
         text = str(exc)
         full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)) or any(
             sign in text for sign in ("os error 28", "os error 27", "No space left", "File too large")

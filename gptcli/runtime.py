@@ -121,10 +121,11 @@ def resolve_dtype(name: str) -> torch.dtype:
 def set_threads(threads: int | None) -> None:
     """`--threads N`: torch's intra-op threads (default: torch's choice, one per core). Fewer leaves
     cores to other work; on a busy machine it can also be faster than oversubscribing."""
+    from gptcli.limits import check_threads
+
+    check_threads(threads)  # before torch, whose thread pools take a C int
     if threads is None:
         return
-    if threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
     import torch
 
     torch.set_num_threads(threads)

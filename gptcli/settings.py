@@ -21,7 +21,7 @@ from gptcli.choices import Device, DropoutRng, Precision, Sampling, Schedule
 from gptcli.choices import InferenceDtype as InferenceDtype  # re-exported: sample's and eval's --dtype
 from gptcli.config import PRESETS, GPTConfig, get_preset
 from gptcli.errors import GptcliError, UsageError
-from gptcli.options import at_least, between, check_options, finite, option, resumable
+from gptcli.options import at_least, between, check_options, check_types, finite, option, resumable
 
 if TYPE_CHECKING:
     from gptcli.model import GPT
@@ -191,26 +191,35 @@ class TrainSettings(TrainOptions, RunSource):
         missing = [name for name in required if name not in data]
         if missing:
             raise UsageError(f"missing setting(s): {', '.join(missing)}")
+        check_types(cls, {k: v for k, v in data.items() if k != "config"})
         return cls(**{**data, "config": GPTConfig.from_dict(data["config"])})
 
     @classmethod
     def from_file(cls, run_dir: str | Path) -> TrainSettings:
-        """A run's settings from RUN/run.json, with one clear line when it is missing or damaged."""
+        """A run's settings from RUN/run.json, with one clear line when it is missing or damaged (a
+        value out of range is named by its key: nobody typed it)."""
+        from gptcli.paths import check_not_dangling
+
         path = Path(run_dir) / RUN_FILE
+        check_not_dangling(Path(run_dir), "run")
         if not path.is_file():
             raise UsageError(f"{run_dir}: no {RUN_FILE} there (not a gptcli run directory)")
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            settings = cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+            settings.validate(keys=True)
+            return settings
         except (OSError, ValueError, TypeError) as exc:  # UsageError is neither
             raise UsageError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
         except UsageError as exc:
             raise UsageError(f"{path} is damaged ({exc.message})") from None
 
-    def validate(self) -> None:
-        """Every setting in range, before anything is written (usage errors naming the option)."""
-        check_options(self)
+    def validate(self, keys: bool = False) -> None:
+        """Every setting in range, before anything is written (usage errors naming the option, or
+        with `keys` the key of run.json)."""
+        check_options(self, keys)
         if self.sample_tokens and not self.sample_prompt:
-            raise UsageError("--sample-prompt must not be empty (use --sample-tokens 0 for no samples)")
+            name = "sample_prompt" if keys else "--sample-prompt"
+            raise UsageError(f"{name} must not be empty (use --sample-tokens 0 for no samples)")
 
 
 DEFAULTS = TrainSettings(corpus="", config=GPTConfig(context_length=DEFAULT_CONTEXT_LENGTH))

@@ -89,7 +89,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise GptcliError(
             f"{directory} has no {META_FILE}: not the output of a finished `gptcli prepare` (an interrupted "
-            "run leaves none); run `gptcli prepare` again"
+            f"run leaves none); prepare it again with `gptcli prepare TEXT --out {directory} --force`"
         )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

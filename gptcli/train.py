@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Any
 from gptcli import jsonio
 from gptcli.checkpoint import MODEL_FILE
 from gptcli.data import BatchLoader, load_training_data
-from gptcli.distributed import Distributed, all_agree, init_distributed, leave_process_group, rank_dropout_rng
+from gptcli.distributed import (
+    Distributed,
+    all_agree,
+    check_peers,
+    init_distributed,
+    leave_process_group,
+    rank_dropout_rng,
+)
 from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.events import CheckpointSaved, Evaluation, Event, Notice, RunFinished, RunStarted, Sample, StepDone
@@ -55,7 +62,7 @@ def train(
     settings: TrainSettings,
     resume: bool = False,
     stop_requested: Callable[[], bool] = lambda: False,
-) -> Iterator[Event]:
+) -> Generator[Event, None, None]:
     """Run (or, with `resume`, continue) training, yielding events. `stop_requested` is polled
     between optimizer steps; when it returns True the run saves a checkpoint and ends. Under
     torchrun this joins (and finally leaves) the process group."""
@@ -63,6 +70,9 @@ def train(
     dist, device = init_distributed(resolve_device(settings.device))
     try:
         yield from Trainer(settings, dist, device).run(resume, stop_requested)
+    except RuntimeError as exc:
+        check_peers(exc, dist.world_size)
+        raise
     finally:
         leave_process_group(dist)
 

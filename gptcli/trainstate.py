@@ -104,10 +104,10 @@ def checkpoint_writers(
 
 
 def _damaged(path: Path, what: str) -> GptcliError:
-    return GptcliError(
-        f"cannot resume: {path} {what}; start a new run from saved weights with --init "
-        f"(e.g. --init {path.parent / MODEL_FILE}, if that file is intact)"
-    )
+    """The checkpoint cannot be resumed; suggest --init with its model file only where one exists."""
+    model = (path if path.is_dir() else path.parent) / MODEL_FILE
+    example = f" (e.g. --init {model}, if that file is intact)" if model != path and model.is_file() else ""
+    return GptcliError(f"cannot resume: {path} {what}; start a new run from saved weights with --init{example}")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

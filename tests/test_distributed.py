@@ -134,3 +134,57 @@ def test_ranks_other_than_zero_stay_silent_about_errors(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     result = runner.invoke(app, ["train", str(VERDICT), "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size must be at least 1" in result.output
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    for pid in _descendants(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the ranks' processes in /proc")
+def test_a_killed_rank_is_one_line_without_the_survivors_traceback(tmp_path):
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "gptcli", "train", str(VERDICT), "--preset", "tiny", "--context-length", "32",
+           "--batch-size", "4", "--eval-iter", "1", "--sample-tokens", "0", "--no-plots", "--quiet", "--epochs", "500",
+           "--out", "run", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=environment(tmp_path / "home"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints").is_dir():  # the first checkpoint: both ranks are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    lines = stderr.splitlines()
+    assert lines[-1] == "error: training process 1 was killed by SIGKILL" and "Traceback" not in stderr, stderr
+    # The launcher's SIGTERM may reach the survivor before its collective fails: at most its stop notice.
+    assert all(line.startswith("stopping after this step") for line in lines[:-1]), stderr
+    assert proc.returncode == 128 + signal.SIGKILL

@@ -337,6 +337,7 @@ def test_a_second_signal_aborts(monkeypatch):
     from gptcli.commands.train import _StopSignals
 
     with _StopSignals(announce=False) as stop:
+        stop.started = True  # (before the first step, the first signal aborts: see test_stopping.py)
         os.kill(os.getpid(), signal.SIGTERM)  # the first: stop after this step
         assert stop.requested == signal.SIGTERM and stop.exit_code() == 143
         with pytest.raises(KeyboardInterrupt):

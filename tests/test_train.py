@@ -164,7 +164,7 @@ def test_missing_corpus_and_bad_options():
     assert result.exit_code == 2
     assert "Invalid value for '--schedule': 'linear' is not one of 'constant', 'cosine'" in result.output
     result = runner.invoke(app, ["train", str(VERDICT), "--threads", "0"])
-    assert result.exit_code == 2 and "--threads must be at least 1" in result.output
+    assert result.exit_code == 2 and "--threads must be between 1 and 4096, got 0" in result.output
 
 
 def test_schedule_warmup_then_cosine():
@@ -415,6 +415,11 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     (lambda s: {**s, "colour": "blue"}, "unknown setting(s): colour"),
     (lambda s: {k: v for k, v in s.items() if k != "corpus"}, "missing setting(s): corpus"),
     (lambda s: [s], "the settings must be a JSON object, got list"),
+    (lambda s: {**s, "lr": "x"}, "lr must be a number, got 'x'"),
+    (lambda s: {**s, "epochs": 1.5}, "epochs must be an integer, got 1.5"),
+    (lambda s: {**s, "plots": 1}, "plots must be true or false, got 1"),
+    (lambda s: {**s, "lr": math.nan}, "lr must be a finite number above 0, got nan"),  # the key, not --lr
+    (lambda s: {**s, "max_steps": 0}, "max_steps must be at least 1, got 0"),
 ])
 def test_a_damaged_run_json_is_refused_on_resume(tmp_path, damage, says):
     out = tmp_path / "run"

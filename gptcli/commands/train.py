@@ -21,6 +21,7 @@ import typer
 
 from gptcli.choices import LOGGERS
 from gptcli.commands._options import typed_options, typer_options
+from gptcli.limits import OVERRIDE
 from gptcli.options import argument, option
 from gptcli.settings import LOOP, RUNTIME, ModelOptions, TrainOptions
 
@@ -73,6 +74,10 @@ class CommandOptions:
     json_output: bool = option(False, "One JSON object per evaluation on stdout (and nothing else there).", RUNTIME,
                                flags=("--json",))
     quiet: bool = option(False, "No progress or tables on stderr.", RUNTIME, flags=("--quiet", "-q"))
+    ignore_memory_check: bool = option(
+        False, "Train even when the estimate of the memory training needs (weights, gradients, AdamW's state, "
+        "activations) is more than this machine has available.", RUNTIME, flags=(OVERRIDE,),
+    )
 
 
 @typer_options
@@ -103,7 +108,21 @@ def command(ctx: typer.Context, model: ModelOptions, options: TrainOptions, cli:
             settings = _resumed(cli.resume, cli, model, options, typed)
         else:
             settings = _new_settings(cli, model, options, typed)
+        _check_memory(settings, cli.ignore_memory_check)
         _train(settings, cli.resume is not None, quiet, json_output, main_rank, loggers)
+
+
+def _check_memory(settings: TrainSettings, ignore: bool) -> None:
+    """What cannot fit is refused before the model is built and the run directory created (the
+    estimate is per process: each one holds the model and its micro-batch's activations)."""
+    from gptcli.config import parameter_counts
+    from gptcli.limits import check_memory, training_bytes
+
+    config = settings.config
+    micro = settings.micro_batch_size or max(1, settings.batch_size // int(os.environ.get("WORLD_SIZE", "1")))
+    parameters = parameter_counts(config)["total"]
+    check_memory(training_bytes(config, micro), f"training this model ({parameters:,} parameters, "
+                 f"{micro} sequence(s) of {config.context_length} tokens per pass)", ignore)
 
 
 def _rank() -> int:
@@ -113,13 +132,16 @@ def _rank() -> int:
 
 @contextmanager
 def _errors_on_rank_zero_only() -> Iterator[None]:
-    """Under torchrun every rank meets the same bad option or input: rank 0 says it, once."""
+    """Under torchrun every rank meets the same bad option or input: rank 0 says it, once. A rank
+    that died is the launcher's to report: the survivors say nothing."""
     from gptcli.errors import GptcliError
 
     try:
         yield
     except GptcliError as exc:
-        if _rank() != 0:
+        from gptcli.distributed import PeerLost
+
+        if _rank() != 0 or isinstance(exc, PeerLost):
             raise typer.Exit(exc.exit_code) from None
         raise
 
@@ -184,19 +206,29 @@ def _typed_again(typed: Sequence[str], cli: CommandOptions, model: ModelOptions,
 
 
 class _StopSignals:
-    """First SIGINT or SIGTERM: finish the step, checkpoint, exit 130 or 143. A second: abort at
-    once. Under torchrun a signal reaches each process twice (from the terminal, then forwarded by
-    the launcher): a repeat within a second is that echo, not a second signal."""
+    """The one stop policy of `train`. SIGINT, SIGTERM, SIGHUP (the terminal closed) or losing stdout
+    (`stdout_lost`: a reader that left, `| head -1`) once training has started: finish the step,
+    save a checkpoint, exit 128 + the signal (130, 143, 129; 141 for a closed pipe). Before it has
+    started (the data read, the model built, a checkpoint loaded): abort at once, nothing
+    half-written. A second signal: abort at once, keeping what was committed. Under torchrun a
+    signal reaches each process twice (from the terminal, then forwarded by the launcher): a repeat
+    within a second is that echo, not a second signal."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self, announce: bool) -> None:
-        self.requested: int | None = None
+        self.requested: int | None = None  # the signal (SIGPIPE for a lost stdout)
+        self.why = "interrupted"
+        self.code: int | None = None
         self.at = 0.0
+        self.started = False  # the first step is under way: a stop saves a checkpoint
+        self.aborting = False
         self.announce = announce
         self.echo_window = 1.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in self.SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -205,40 +237,67 @@ class _StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.aborting or (self.requested is not None and time.monotonic() - self.at < self.echo_window):
+            return  # already aborting (let the cleanup finish), or the launcher's echo
+        if self.requested is not None or not self.started:
+            self.requested = self.requested or signum
+            self.aborting = True
+            raise KeyboardInterrupt
+        again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
+        self._request(signum, "interrupted", f"stopping after this step and saving a checkpoint ({again} to abort)")
+
+    def stdout_lost(self, exc: Exception) -> None:
+        """Writing an event to stdout failed: stop writing there, and stop as for a signal (exit 141
+        for a reader that left; 1 for any other failure, saying it)."""
+        from gptcli import stdio
+
+        stdio.silence_stdout()  # what is still buffered goes nowhere, without failing again
+        why = "stdout was closed" if isinstance(exc, BrokenPipeError) else getattr(exc, "message", str(exc))
+        if self._request(signal.SIGPIPE, why, f"{why}: stopping after this step and saving a checkpoint"):
+            self.code = None if isinstance(exc, BrokenPipeError) else getattr(exc, "exit_code", 1)
+
+    def _request(self, signum: int, why: str, notice: str) -> bool:
+        """The first stop request counts (True); later ones change nothing."""
         from gptcli import ui
 
         if self.requested is not None:
-            if time.monotonic() - self.at < self.echo_window:
-                return
-            raise KeyboardInterrupt
-        self.requested, self.at = signum, time.monotonic()
+            return False
+        self.requested, self.why, self.at = signum, why, time.monotonic()
         if self.announce:
-            again = "Ctrl-C" if signum == signal.SIGINT else "a second signal"
-            ui.console.print(f"[yellow]stopping after this step and saving a checkpoint ({again} to abort)")
+            ui.console.print(f"[yellow]{notice}")
+        return True
 
     def exit_code(self) -> int:
-        from gptcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
+        if self.code is not None:
+            return self.code
+        return 128 + (self.requested or signal.SIGINT)
 
-        return EXIT_TERMINATED if self.requested == signal.SIGTERM else EXIT_INTERRUPTED
 
-
-def _show(view: TrainView, event: Event, json_output: bool) -> None:
-    """One training event on the progress view (and an evaluation as a JSON line on stdout with --json)."""
+def _show(view: TrainView, event: Event, json_output: bool, stop: _StopSignals) -> bool:
+    """One training event on the progress view (and an evaluation as a JSON line on stdout with
+    --json); whether stdout still takes JSON lines (losing it is a stop request, never a lost run)."""
     from gptcli import jsonio
     from gptcli.events import Evaluation, Notice, RunStarted, Sample, StepDone
+    from gptcli.stdio import StdoutError
 
     if isinstance(event, StepDone):
         view.step(event.epoch, event.step + 1, event.loss, event.tokens_per_second)
     elif isinstance(event, Evaluation):
         view.evaluation(event)
         if json_output:
-            typer.echo(jsonio.dumps(event.to_dict()))
+            try:
+                typer.echo(jsonio.dumps(event.to_dict()))
+            except (BrokenPipeError, StdoutError) as exc:
+                stop.stdout_lost(exc)
+                return False
     elif isinstance(event, Notice):
         view.message(f"[yellow]{event.text}")
     elif isinstance(event, Sample):
         view.message(f"[dim]epoch {event.epoch} sample:[/] {event.text}")
     elif isinstance(event, RunStarted):
+        stop.started = True
         view.start(event)
+    return json_output
 
 
 def _train(
@@ -248,27 +307,32 @@ def _train(
     rank 0's only). The loggers close after the summary, even when the run fails."""
     from gptcli import ui
     from gptcli.errors import GptcliError
-    from gptcli.events import RunFinished
+    from gptcli.events import RunFinished, RunStarted
     from gptcli.loggers import Loggers
+    from gptcli.rundir import kept_after_stop
     from gptcli.train import train
 
     view = ui.TrainView(quiet=quiet)
     finished: RunFinished | None = None
+    out = Path(settings.out) if resume and settings.out else None  # a new run's: known once it starts
     sinks = Loggers(loggers if main_rank else [], quiet=quiet)
     with _StopSignals(announce=main_rank) as stop, closing(sinks):
         try:
-            for event in train(settings, resume=resume, stop_requested=lambda: stop.requested is not None):
-                sinks.handle(event)
-                if isinstance(event, RunFinished):
-                    finished = event
-                    finished.files += sinks.files
-                else:
-                    _show(view, event, json_output)
-        except KeyboardInterrupt:
-            raise GptcliError("aborted; the last committed checkpoint is kept", stop.exit_code()) from None
+            with closing(train(settings, resume=resume, stop_requested=lambda: stop.requested is not None)) as run:
+                for event in run:
+                    sinks.handle(event)
+                    if isinstance(event, RunFinished):
+                        finished = event
+                        finished.files += sinks.files
+                    else:
+                        out = event.out_dir if isinstance(event, RunStarted) else out
+                        json_output = _show(view, event, json_output, stop)
+        except KeyboardInterrupt:  # the run's generator is closed: the directory is as it stays
+            what = "aborted" if stop.started else "stopped before training started"
+            raise GptcliError(f"{what}; {kept_after_stop(out)}", stop.exit_code()) from None
         finally:
             view.finish(finished)
     if finished is not None and finished.reason == "interrupted":
         if main_rank:
-            ui.console.print(f"interrupted; continue with: gptcli train --resume {finished.out_dir}")
+            ui.console.print(f"{stop.why}; continue with: gptcli train --resume {finished.out_dir}")
         raise typer.Exit(stop.exit_code())
