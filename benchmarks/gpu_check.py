@@ -272,7 +272,7 @@ def prompt_ids(count: int, max_len: int) -> list[list[int]]:
 def load(path: Path, device: str, dtype: str) -> GPT:
     import torch
 
-    from gptcli.checkpoint import load_model
+    from gptcli.modelfile import load_model
     from gptcli.quantize import quantize_model
 
     model, _ = load_model(path, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
@@ -285,9 +285,9 @@ def cmd_model(args: argparse.Namespace) -> int:
     """A seeded, untrained gptcli model file of the preset (as tests/conftest.py's model_file)."""
     import torch
 
-    from gptcli.checkpoint import save_model
     from gptcli.config import get_preset
     from gptcli.model import GPT
+    from gptcli.modelfile import save_model
 
     torch.manual_seed(1)
     save_model(args.model, GPT(get_preset(shapes(args.quick).preset)))

@@ -36,9 +36,9 @@ EVAL_RATE = re.compile(r"(?<!prompt )eval time =.*?([0-9.]+) tokens per second")
 
 def write_models(directory: Path) -> tuple[Path, dict[str, Path]]:
     """The random 124M model as a gptcli file and as GGUF in each llama.cpp type."""
-    from gptcli.checkpoint import save_model
     from gptcli.config import get_preset
     from gptcli.model import GPT
+    from gptcli.modelfile import save_model
 
     torch.manual_seed(123)
     model = GPT(get_preset("124M").replace(context_length=1024, tie_weights=True, qkv_bias=True))
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp not found at {args.binary}: build it with `make llama-cpp`", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    from gptcli.checkpoint import load_model
+    from gptcli.modelfile import load_model
     from gptcli.quantize import quantize_model
 
     with tempfile.TemporaryDirectory() as tmp:

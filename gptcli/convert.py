@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptcli.checkpoint import MODEL_FILE
 from gptcli.choices import GGUF_TYPES, SOURCE_FORMATS, TARGET_FORMATS
 from gptcli.config import GPTConfig
 from gptcli.durable import check_output
 from gptcli.errors import GptcliError, UsageError
 from gptcli.formats.plan import ConversionPlan, ProgressCallback, ReadOptions, WriteOptions
 from gptcli.formats.registry import READERS, WRITERS, detect_format
+from gptcli.modelfile import MODEL_FILE
 from gptcli.paths import check_can_create
 
 __all__ = ["ConvertResult", "convert", "default_output", "detect_format", "make_plan"]

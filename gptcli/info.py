@@ -85,7 +85,7 @@ def _run_trainer_state(run_dir: Path, model_file: Path) -> dict[str, Any]:
 
 def describe_run(run_dir: Path) -> Description:
     """A training run: its model (the last checkpoint), settings, progress and evaluations."""
-    from gptcli.checkpoint import load_config, resolve_model_path
+    from gptcli.modelfile import load_config, resolve_model_path
     from gptcli.rundir import read_metrics
     from gptcli.settings import RUN_FILE, TrainSettings
 

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli import jsonio
-from gptcli.checkpoint import MODEL_FILE
 from gptcli.durable import atomic_write_text, current_umask, fsync_path, replace_symlink
 from gptcli.errors import GptcliError, UsageError
+from gptcli.modelfile import MODEL_FILE
 from gptcli.paths import RUNS_DIR
 from gptcli.settings import RUN_FILE
 

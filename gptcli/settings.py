@@ -262,7 +262,7 @@ def resumed_settings(stored: TrainSettings, given: Sequence[tuple[str, object]])
 
 def resolve_init_path(init: str | Path) -> Path:
     """The weights file of `--init`: a .safetensors file, or a run directory's model file."""
-    from gptcli.checkpoint import resolve_model_path
+    from gptcli.modelfile import resolve_model_path
 
     try:
         return resolve_model_path(init)
@@ -273,7 +273,7 @@ def resolve_init_path(init: str | Path) -> Path:
 def resolve_init_config(init: str | Path, model: ModelOptions, typed: Collection[str]) -> GPTConfig:
     """The config of `--init` weights: the shape options typed must agree with it, and only the drop
     rate may differ from it."""
-    from gptcli.checkpoint import load_config
+    from gptcli.modelfile import load_config
 
     config = load_config(resolve_init_path(init))
     conflicting = [name for name in SHAPE if name in typed and name != "drop_rate"
@@ -289,8 +289,8 @@ def build_model(settings: TrainSettings, load_init: bool = True) -> GPT:
     when a checkpoint will be loaded over it: a resumed run works without its --init file)."""
     from safetensors.torch import load_file
 
-    from gptcli.checkpoint import load_weights
     from gptcli.model import GPT
+    from gptcli.modelfile import load_weights
 
     model = GPT(settings.config)
     if settings.init and load_init:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli import jsonio
-from gptcli.checkpoint import MODEL_FILE
 from gptcli.data import BatchLoader, load_training_data
 from gptcli.distributed import (
     Distributed,
@@ -46,6 +45,7 @@ from gptcli.distributed import (
 from gptcli.errors import EXIT_NONFINITE, GptcliError, UsageError
 from gptcli.evaluate import batch_loss, mean_batch_loss, perplexity
 from gptcli.events import CheckpointSaved, Evaluation, Event, Notice, RunFinished, RunStarted, Sample, StepDone
+from gptcli.modelfile import MODEL_FILE
 from gptcli.plots import write_plots
 from gptcli.rundir import METRICS_FILE, RunDirectory, check_out_path, default_run_dir, read_metrics
 from gptcli.runtime import resolve_device, resolve_precision

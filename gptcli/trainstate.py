@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli import __version__, jsonio
-from gptcli.checkpoint import MODEL_FILE, load_weights
 from gptcli.errors import GptcliError
+from gptcli.modelfile import MODEL_FILE, load_weights
 from gptcli.rundir import TRAINER_FILE, TRAINER_JSON
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def checkpoint_writers(
 ) -> dict[str, Callable[[Path], None]]:
     """How to write each file of a checkpoint (model last: `sample` needs only it). All carry the
     step, and resume refuses files whose steps disagree (hand-edited or mixed checkpoints)."""
-    from gptcli.checkpoint import write_model, write_tensors
+    from gptcli.modelfile import write_model, write_tensors
 
     tensors, meta = optimizer_tensors(optimizer)
     tensors.update(rng_tensors())

@@ -81,9 +81,9 @@ def model_file(tmp_path: Path) -> Path:
     """A tiny gptcli model file (seeded, untrained) for the commands' tests."""
     import torch
 
-    from gptcli.checkpoint import save_model
     from gptcli.config import get_preset
     from gptcli.model import GPT
+    from gptcli.modelfile import save_model
 
     torch.manual_seed(1)
     path = tmp_path / "model.safetensors"

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from benchmarks.chapter import GPTModel
-from gptcli.checkpoint import load_model, read_metadata, save_model
 from gptcli.cli import app
 from gptcli.config import GPTConfig
 from gptcli.model import GPT
+from gptcli.modelfile import load_model, read_metadata, save_model
 
 runner = CliRunner()
 CFG = {"vocab_size": 128, "context_length": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.1,

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import load_config, load_model, save_model
 from gptcli.cli import app
 from gptcli.config import GPTConfig, get_preset
 from gptcli.errors import GptcliError
 from gptcli.model import GPT
+from gptcli.modelfile import load_config, load_model, save_model
 from tests.conftest import VERDICT
 
 runner = CliRunner()

@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import load_model, read_metadata, save_model
 from gptcli.cli import app
 from gptcli.config import GPTConfig
 from gptcli.formats.tfbundle import TensorBundle, crc32c, unmask_crc
+from gptcli.modelfile import load_model, read_metadata, save_model
 from tests.conftest import OPENAI_TINY, openai_tiny_arrays
 
 runner = CliRunner()

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import save_model
 from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.data import BatchLoader, WindowDataset, load_splits
@@ -25,6 +24,7 @@ from gptcli.evaluate import (
     token_windows,
 )
 from gptcli.model import GPT
+from gptcli.modelfile import save_model
 from gptcli.settings import TrainSettings
 from tests.conftest import VERDICT
 

@@ -348,7 +348,7 @@ def test_bundled_files_are_the_canonical_ones() -> None:
 def test_fetch_convert_sample_end_to_end_on_a_local_mirror(tmp_path: Path) -> None:
     import torch
 
-    from gptcli.checkpoint import load_model
+    from gptcli.modelfile import load_model
 
     mirror = local_mirror(tmp_path)
     result = runner.invoke(app, ["fetch", "gpt2", "--size", "124M", "--mirror", str(mirror), "--convert"])

@@ -13,7 +13,6 @@ import torch
 from typer.testing import CliRunner
 
 from benchmarks.chapter import GPTModel, config_dict, generate_text, to_gptcli_state_dict
-from gptcli.checkpoint import save_model
 from gptcli.cli import app
 from gptcli.config import GPTConfig, get_preset
 from gptcli.errors import UsageError
@@ -31,6 +30,7 @@ from gptcli.generate import (
     top_p_filter,
 )
 from gptcli.model import GPT
+from gptcli.modelfile import save_model
 
 PROMPT = [6109, 3626, 6100, 345]  # "Every effort moves you"
 runner = CliRunner()

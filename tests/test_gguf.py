@@ -15,11 +15,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import save_model
 from gptcli.cli import app
 from gptcli.config import GPTConfig
 from gptcli.formats.gguf import dequantized, gguf_names, read_gguf
 from gptcli.model import GPT
+from gptcli.modelfile import save_model
 from tests.conftest import BPE_DIR, REPO_ROOT
 
 gguf = pytest.importorskip("gguf")

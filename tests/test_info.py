@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from benchmarks.chapter import GPTModel
-from gptcli.checkpoint import save_model
 from gptcli.cli import app
 from gptcli.config import PRESETS, GPTConfig, parameter_counts
 from gptcli.model import GPT
+from gptcli.modelfile import save_model
 from gptcli.settings import TrainSettings
 from tests.conftest import OPENAI_TINY, VERDICT
 

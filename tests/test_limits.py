@@ -46,7 +46,7 @@ def test_threads_out_of_range(threads: int) -> None:
 
 
 def test_a_model_file_claiming_huge_depth_is_refused_at_once(tmp_path: Path) -> None:
-    from gptcli.checkpoint import load_model
+    from gptcli.modelfile import load_model
 
     config = GPTConfig(vocab_size=16, context_length=8, emb_dim=8, n_heads=2, n_layers=2**40)
     path = tmp_path / "m.safetensors"

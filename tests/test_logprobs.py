@@ -12,13 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from gptcli.batched import decode_batch
-from gptcli.checkpoint import load_model
 from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.evaluate import evaluate_per_token, evaluate_sources
 from gptcli.generate import DecodeSettings, Generation, sequence_logprob
 from gptcli.logprobs import openai_logprobs
 from gptcli.model import GPT
+from gptcli.modelfile import load_model
 from gptcli.tokenizer import encode, token_text
 
 runner = CliRunner()

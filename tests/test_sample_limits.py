@@ -13,11 +13,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gptcli.checkpoint import save_model
 from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.errors import GptcliError
 from gptcli.model import GPT
+from gptcli.modelfile import save_model
 from gptcli.sampling import DecodeSettings, next_tokens, sampling_probs
 
 runner = CliRunner()
@@ -80,8 +80,8 @@ def test_nan_weights_are_one_line(nan_model: Path, extra: list[str]) -> None:
 
 
 def test_the_engine_refuses_non_finite_logits_for_every_caller(nan_model: Path) -> None:
-    from gptcli.checkpoint import load_model
     from gptcli.generate import generate
+    from gptcli.modelfile import load_model
 
     model, _ = load_model(nan_model)
     with pytest.raises(GptcliError, match="non-finite logits"):

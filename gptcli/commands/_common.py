@@ -128,7 +128,7 @@ def load_for_inference(runtime: RuntimeOptions, one_row: bool = False, plan: Pla
     """`runtime.model` on the chosen device and precision, with a loading line on stderr. `one_row`:
     see `runtime.resolve_precision`. The model's config is read from the file's header first, and the
     memory the run needs (`plan`, see `check_inference_memory`) checked before any weight is loaded."""
-    from gptcli.checkpoint import load_config, load_model, resolve_model_path
+    from gptcli.modelfile import load_config, load_model, resolve_model_path
     from gptcli.runtime import resolve_device, resolve_dtype, resolve_precision
     from gptcli.ui import console
 

@@ -1,5 +1,5 @@
 """gptcli's own model files: a `.safetensors` with the model config in its metadata (see
-`gptcli.checkpoint`), or a directory holding one as `model.safetensors`. Read and written."""
+`gptcli.modelfile`), or a directory holding one as `model.safetensors`. Read and written."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gptcli.checkpoint import FORMAT, MODEL_FILE, load_config, read_metadata, resolve_model_path
 from gptcli.config import model_shapes
 from gptcli.durable import atomic_write
 from gptcli.errors import GptcliError
@@ -27,6 +26,7 @@ from gptcli.formats.safetensors_io import (
     safetensors_shape,
     write_safetensors_stream,
 )
+from gptcli.modelfile import FORMAT, MODEL_FILE, load_config, read_metadata, resolve_model_path
 
 NAME = "gptcli"
 
@@ -53,7 +53,7 @@ def read_plan(source: Path, options: ReadOptions) -> ConversionPlan:
 
 
 def write(plan: ConversionPlan, out: Path, options: WriteOptions, on_tensor: ProgressCallback | None = None) -> Path:
-    """Write `plan` as a gptcli model file (what `gptcli.checkpoint.load_model` reads), atomically."""
+    """Write `plan` as a gptcli model file (what `gptcli.modelfile.load_model` reads), atomically."""
     metadata = {**plan.extra, "format": FORMAT, "config": plan.config.to_json(), "converted_from": plan.source_format}
     names = {t.name: t.name for t in plan.tensors}
     atomic_write(out, lambda tmp: write_safetensors_stream(tmp, plan.tensors, metadata, names, on_tensor))
