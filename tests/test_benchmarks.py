@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import run
 
 
+@pytest.mark.slow
 def test_suite_runs_with_tiny_shapes(tmp_path, capsys):
     out = tmp_path / "figures.json"
     assert run.main(["--tiny", "--json", str(out), "--only", "train,memory,inference,batched,dtypes,startup"]) == 0

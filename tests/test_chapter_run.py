@@ -56,6 +56,7 @@ def largest_difference(a: list[tuple[int, float, float]], b: list[tuple[int, flo
     return max(max(abs(t1 - t2), abs(v1 - v2)) for (_, t1, v1), (_, t2, v2) in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["on", "off"])
 def test_losses_with_dropout_equal_the_chapters(chapter_history, corpus, tmp_path, monkeypatch, kernels):
     """gptcli's kernels (1-byte masks, recomputed attention) and, with GPTCLI_KERNELS=0, torch's
@@ -66,6 +67,7 @@ def test_losses_with_dropout_equal_the_chapters(chapter_history, corpus, tmp_pat
     assert largest_difference(got, chapter_history) < 1e-5
 
 
+@pytest.mark.slow
 def test_the_fast_stream_is_another_run(chapter_history, corpus, tmp_path):
     """--dropout-rng fast trains as well but draws other masks: not the chapter's numbers."""
     got = gptcli_history(corpus, tmp_path / "run", "fast")

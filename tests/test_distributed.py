@@ -83,6 +83,7 @@ def runs(tmp_path_factory) -> dict:
     return {"root": root, "ddp": ddp, "single": single}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(runs):
     ddp, root = runs["ddp"], runs["root"]
     assert ddp.returncode == 0, ddp.stderr
@@ -103,6 +104,7 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     assert json.loads((root / "ddp" / "checkpoints" / "latest" / "trainer.json").read_text())["steps_done"] == 8
 
 
+@pytest.mark.slow
 def test_a_resumed_two_process_run_equals_an_uninterrupted_one(runs):
     root = runs["root"]
     first = torchrun(root, "data", *ARGS, "--micro-batch-size", "1", "--out", "split", "--max-steps", "3", "--quiet")

@@ -147,6 +147,7 @@ def test_bad_sources(model_file: Path, tmp_path: Path) -> None:
     assert no_run.exit_code == 2 and "no run.json there" in no_run.stderr
 
 
+@pytest.mark.slow
 def test_run_split_loss_equals_training_loss(tmp_path: Path, tokenizer) -> None:
     """Train a tiny model a few steps, record val loss the way training does, and check `eval --run`."""
     config = get_preset("tiny").replace(context_length=32)

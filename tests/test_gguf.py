@@ -55,6 +55,7 @@ def to_gguf(model_path: Path, out: Path, gguf_type: str = "f32") -> None:
         ("q8_0", TINY.replace(vocab_size=50304)),
     ],
 )
+@pytest.mark.slow
 def test_gguf_parses_back_to_the_same_tensors_and_metadata(tmp_path: Path, gguf_type: str, config) -> None:
     model = make_model(tmp_path / "m.safetensors", config)
     to_gguf(tmp_path / "m.safetensors", tmp_path / "m.gguf", gguf_type)

@@ -45,6 +45,7 @@ def test_chapter_counts_for_124m() -> None:
     assert (counts["untied"], counts["tied"]) == (163_009_536, 124_412_160)  # the chapter's numbers
 
 
+@pytest.mark.slow
 def test_gptcli_file_book_and_gguf(tmp_path: Path) -> None:
     save_model(tmp_path / "m.safetensors", GPT(SMALL))
     report = info(tmp_path / "m.safetensors")

@@ -58,6 +58,7 @@ def scalars(accumulator, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in accumulator.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_the_evaluations_steps_and_sample(tmp_path):
     run = tmp_path / "run"
     result = train_cli(str(VERDICT), *TINY_ARGS, "--epochs", "1", "--out", str(run), "--logger", "tensorboard",
@@ -78,6 +79,7 @@ def test_tensorboard_logs_the_evaluations_steps_and_sample(tmp_path):
     assert str(run / "tensorboard") in result.output.replace("\n", "")  # in the summary's files
 
 
+@pytest.mark.slow
 def test_resume_continues_the_tensorboard_log_without_duplicated_steps(tmp_path):
     """A checkpoint at step 5, then events past it as a killed process leaves them: the resumed run's
     purge_step hides them, and every step is there once, with the resumed run's values."""
@@ -105,6 +107,7 @@ def test_resume_continues_the_tensorboard_log_without_duplicated_steps(tmp_path)
 # --- CSV ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_csv_rows_equal_metrics_jsonl_and_resume_cuts_them_back(tmp_path):
     run = tmp_path / "run"
     train_cli(str(VERDICT), *TINY_ARGS, "--max-steps", "5", "--out", str(run), "--logger", "csv", "-q")

@@ -66,6 +66,7 @@ def test_every_linear_and_the_tied_head_are_quantized() -> None:
         assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
 
 
+@pytest.mark.slow
 def test_int8_perplexity_within_one_percent_of_fp32(trained: tuple[GPT, list[int]]) -> None:
     import copy
 

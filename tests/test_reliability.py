@@ -74,6 +74,7 @@ def no_leftovers(run: Path) -> bool:
     return names == {"latest", os.readlink(run / LATEST)} and not list(run.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_kill_9_at_every_save_point_then_resume_equals_an_uninterrupted_run(tmp_path):
     # The runs live on tmpfs when there is one: a SIGKILL leaves the page cache intact, so what is
     # tested (the order of writes, renames and the switch) is the same, and fsync costs nothing.
@@ -121,6 +122,7 @@ def committed_step(run: Path) -> int:
     return json.loads((run / LATEST / "trainer.json").read_text())["steps_done"]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     out = tmp_path / "run"
     proc = start_training(out)
@@ -136,6 +138,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     assert committed_step(out) == step + 1
 
 
+@pytest.mark.slow
 def test_second_sigterm_aborts_and_the_run_still_resumes(tmp_path):
     out = tmp_path / "run"
     proc = start_training(out, "--save-every", "1")
@@ -151,6 +154,7 @@ def test_second_sigterm_aborts_and_the_run_still_resumes(tmp_path):
     assert no_leftovers(out)
 
 
+@pytest.mark.slow
 def test_a_second_train_into_a_running_run_is_refused_and_a_dead_holder_never_blocks(tmp_path):
     out = tmp_path / "run"
     holder = start_training(out)
@@ -248,6 +252,7 @@ def test_out_that_is_a_file_or_inside_one(tmp_path):
         assert result.exit_code == 2 and says in result.output and result.output.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert cli(*TINY, "--max-steps", "1", "--out", str(out)).exit_code == 0

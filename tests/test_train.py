@@ -182,6 +182,7 @@ def test_schedule_warmup_then_cosine():
     assert {learning_rate(s, constant, 10) for s in range(10)} == {0.5}
 
 
+@pytest.mark.slow
 def test_training_reproduces_the_chapter_loop(tokenizer, tmp_path):
     """Same seed, same data order, same evaluation batches: the chapter's numbers (no dropout, whose
     random masks SDPA draws differently)."""
@@ -197,6 +198,7 @@ def test_training_reproduces_the_chapter_loop(tokenizer, tmp_path):
         assert t2 == pytest.approx(t1, abs=1e-4) and v2 == pytest.approx(v1, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_run_writes_everything_and_json_parses(tmp_path):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", str(VERDICT), *TINY_ARGS, "--epochs", "3", "--lr", "2e-3",
@@ -233,6 +235,7 @@ def test_quiet_prints_nothing_and_existing_run_is_not_clobbered(tmp_path):
     assert (out / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path):
     full = list(train(tiny_settings(tmp_path / "full", epochs=3)))
     runner.invoke(app, ["train", str(VERDICT), *TINY_ARGS, "--lr", "1e-3", "--epochs", "1", "--no-plots",
@@ -246,6 +249,7 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_stop_mid_epoch_then_resume_is_exact(tmp_path):
     """A stop between steps (what Ctrl-C does) checkpoints mid-epoch; resuming replays nothing."""
     full = list(train(tiny_settings(tmp_path / "full")))
@@ -265,6 +269,7 @@ def test_stop_mid_epoch_then_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_features_beyond_the_chapter_train(tmp_path):
     """Warmup + cosine, clipping, accumulation and bf16 autocast run and learn."""
     events = list(train(tiny_settings(tmp_path / "run", epochs=1, micro_batch_size=2, grad_clip=1.0,
@@ -276,6 +281,7 @@ def test_features_beyond_the_chapter_train(tmp_path):
     assert [e.lr for e in evals] == pytest.approx([1e-3, 3e-3, 1.55e-3])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     config = TINY.replace(drop_rate=0.0)
     whole = evaluations(train(tiny_settings(tmp_path / "a", config=config, epochs=1)))
@@ -284,6 +290,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
         assert y.train_loss == pytest.approx(x.train_loss, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     list(train(tiny_settings(out, epochs=1)))
@@ -306,6 +313,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert (out / "model.safetensors").read_bytes() != good  # the resumed run did save
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gptcli", "train", str(VERDICT), *TINY_ARGS, "--epochs", "200", "--out",
@@ -343,6 +351,7 @@ def test_resume_accepts_the_same_options_and_names_real_changes(tmp_path):
     assert result.output.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_init_from_saved_weights(tmp_path):
     out = tmp_path / "run"
     source = evaluations(train(tiny_settings(out, epochs=2, lr=3e-3)))
@@ -359,6 +368,7 @@ def test_init_from_saved_weights(tmp_path):
     assert result.exit_code == 2 and "conflict" in result.output
 
 
+@pytest.mark.slow
 def test_run_finished_reports_the_run(tmp_path):
     events = list(train(tiny_settings(tmp_path / "run", epochs=1)))
     done = events[-1]
@@ -395,6 +405,7 @@ def test_no_corpus_trains_on_the_bundled_verdict_offline(monkeypatch):
     assert not verdict_cache_path().exists()
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     from gptcli.events import Notice
 
