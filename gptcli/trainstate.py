@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptcli import __version__, jsonio
+from gptcli.config import GPTConfig
 from gptcli.errors import GptcliError
 from gptcli.modelfile import MODEL_FILE, load_weights
 from gptcli.rundir import TRAINER_FILE, TRAINER_JSON
@@ -135,6 +136,22 @@ def _read_trainer_json(path: Path) -> dict[str, Any]:
     return state
 
 
+def _check_same_model(config: GPTConfig, model_meta: dict[str, str], checkpoint: Path) -> None:
+    """The model run.json describes is the one the checkpoint holds: an edited run.json is named as
+    such, not blamed on the checkpoint."""
+    try:
+        saved = GPTConfig.from_dict(json.loads(model_meta["config"]))
+    except (KeyError, ValueError, GptcliError):
+        return  # no readable config in the file: load_weights judges the tensors themselves
+    changed = [f"{name} {getattr(saved, name)!r} in the checkpoint, {getattr(config, name)!r} in run.json"
+               for name in dataclasses.asdict(config) if getattr(saved, name) != getattr(config, name)]
+    if changed:
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+        run_json = run_dir / "run.json"
+        raise GptcliError(f"cannot resume: {run_json} describes another model than {checkpoint} holds "
+                          f"({'; '.join(changed)}); was run.json edited? restore those values to resume")
+
+
 def load_checkpoint(checkpoint: Path, model: GPT, optimizer: torch.optim.Optimizer) -> Position:
     """Restore the model, optimizer and RNG states from a checkpoint directory; where the run was."""
     state = _read_trainer_json(checkpoint / TRAINER_JSON)
@@ -144,6 +161,7 @@ def load_checkpoint(checkpoint: Path, model: GPT, optimizer: torch.optim.Optimiz
     if len(set(steps)) != 1:
         raise _damaged(checkpoint, f"holds files of different steps (trainer.json {steps[0]}, "
                                    f"trainer.safetensors {steps[1]}, model.safetensors {steps[2]})")
+    _check_same_model(model.config, model_meta, checkpoint)
     load_weights(model, weights, checkpoint / MODEL_FILE)
     try:
         restore_optimizer(optimizer, tensors, state["optimizer"])

@@ -4,6 +4,7 @@ traceback, and never read as "no checkpoint yet" (which would start the run agai
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def test_damaged_prepared_data_suggests_a_prepare_that_works(tmp_path):
     assert result.exit_code == 1 and f"`gptcli prepare TEXT --out {data} --force`" in result.output
     result = runner.invoke(app, ["prepare", str(VERDICT), "--out", str(data), "--force", "--quiet"])
     assert result.exit_code == 0, result.output
+
+
+def test_an_edited_run_json_is_named_not_the_checkpoint(tmp_path: Path) -> None:
+    args = ["train", "--preset", "tiny", "--max-steps", "1", "--eval-iter", "1", "--sample-tokens", "0",
+            "--batch-size", "2", "--quiet", "--no-plots", "--out", str(tmp_path / "run")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    run_json = tmp_path / "run" / "run.json"
+    settings = json.loads(run_json.read_text())
+    settings["config"]["emb_dim"] = 64  # a hand edit: another model than the checkpoint holds
+    run_json.write_text(json.dumps(settings))
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path / "run"), "--max-steps", "2", "-q"])
+    assert result.exit_code == 1, result.output
+    assert f"{run_json} describes another model" in result.stderr
+    assert "emb_dim 32 in the checkpoint, 64 in run.json" in result.stderr and "--init" not in result.stderr
