@@ -20,7 +20,7 @@ from gptcli.errors import GptcliError, UsageError
 from gptcli.formats.plan import ConversionPlan, ProgressCallback, ReadOptions, WriteOptions
 from gptcli.formats.registry import READERS, WRITERS, detect_format
 from gptcli.modelfile import MODEL_FILE
-from gptcli.paths import check_can_create
+from gptcli.paths import check_can_create, not_found
 
 __all__ = ["ConvertResult", "convert", "default_output", "detect_format", "make_plan"]
 
@@ -35,7 +35,7 @@ def make_plan(
     if source_format == "auto":
         source_format = detect_format(source)
     elif not source.exists() and not Path(f"{source}.index").exists():
-        raise GptcliError(f"not found: {source}")
+        raise GptcliError(not_found(source))
     return READERS[source_format].read_plan(source, ReadOptions(verify_checksums, n_heads))
 
 

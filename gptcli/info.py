@@ -56,12 +56,12 @@ def detect_kind(source: Path) -> str:
 
 def model_info(source: str | Path, n_heads: int | None = None) -> dict[str, Any]:
     """Everything `gptcli info` shows about `source`, as a JSON-ready dict."""
-    from gptcli.paths import check_not_dangling
+    from gptcli.paths import check_not_dangling, not_found
 
     source = Path(source)
     check_not_dangling(source, "run or file")
     if not source.exists() and not Path(f"{source}.index").exists():
-        raise GptcliError(f"not found: {source}")
+        raise GptcliError(not_found(source))
     kind = detect_kind(source)
     if kind == "run":
         return finite_or_null(_report(source, kind, describe_run(source)))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from gptcli.config import GPTConfig, model_shapes
 from gptcli.durable import atomic_write, current_umask
 from gptcli.errors import GptcliError
-from gptcli.paths import RUNS_DIR
+from gptcli.paths import RUNS_DIR, not_found
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,7 @@ def resolve_model_path(spec: str | Path | None) -> Path:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
-        raise GptcliError(f"model not found: {path}")
+        raise GptcliError(not_found(path, "model") if not path.exists() else f"{path} is not a regular file")
     return path
 
 

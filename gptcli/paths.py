@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -38,13 +39,35 @@ def check_can_create(path: str | Path) -> None:
             return
 
 
+def broken_link(path: Path) -> str | None:
+    """What is wrong with a symbolic link that cannot be followed (a loop, or a target that is gone),
+    or None where `path` is no such link."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop"
+        return f"{path} points at {os.readlink(path)}, which does not exist"
+    return None
+
+
+def not_found(path: Path, what: str = "") -> str:
+    """The one message for a path that cannot be opened: a broken link named as such, else
+    "<what> not found: <path>"."""
+    return broken_link(path) or f"{what + ' ' if what else ''}not found: {path}"
+
+
 def check_not_dangling(path: Path, what: str) -> None:
     """A one-line usage error when `path` is a link that points nowhere (`runs/latest` after its run
     was deleted), instead of a misleading "not found" or "not a run directory"."""
     from gptcli.errors import UsageError
 
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{path} points at {os.readlink(path)}, which does not exist (the {what} it named is gone)")
+    problem = broken_link(path)
+    if problem:
+        gone = f" (the {what} it named is gone)" if "does not exist" in problem else ""
+        raise UsageError(problem + gone)
 
 
 def display_path(path: str | Path) -> str:

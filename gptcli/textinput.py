@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from gptcli.errors import GptcliError, UsageError
-from gptcli.paths import display_path
+from gptcli.paths import display_path, not_found
 
 STDIN = "-"  # how stdin is named on the command line
 STDIN_NAME = "<stdin>"
@@ -59,7 +59,7 @@ def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's contents, or a one-line error saying what is wrong with it."""
     path = Path(path)
     if not path.exists():
-        raise GptcliError(f"corpus not found: {path}")
+        raise GptcliError(not_found(path, "corpus"))
     if path.is_dir():
         raise GptcliError(f"{path} is a directory, not a text file")
     try:
@@ -141,11 +141,9 @@ def _unreadable_input(path: Path) -> str:
     try:
         path.stat()
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"{path} is a symbolic link loop"
-        if path.is_symlink():
-            return f"{path} is a symbolic link to nothing (its target is missing)"
-        return f"input not found: {path}" if exc.errno == errno.ENOENT else f"cannot read {path}: {exc.strerror}"
+        if path.is_symlink() or exc.errno == errno.ENOENT:
+            return not_found(path, "input")
+        return f"cannot read {path}: {exc.strerror}"
     return f"{path} is neither a file nor a directory"
 
 

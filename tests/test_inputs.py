@@ -35,9 +35,15 @@ def test_symbolic_link_loops_and_dangling_links_are_named_as_such(tmp_path: Path
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
-    for name, says in (("a", "is a symbolic link loop"), ("dangling", "is a symbolic link to nothing")):
-        result = runner.invoke(app, ["prepare", str(tmp_path / name), "--out", str(tmp_path / "o")])
-        assert result.exit_code == 1 and says in result.stderr and result.stderr.count("\n") == 1
+    model = tmp_path / "m.safetensors"
+    gone = f"points at {tmp_path / 'nothing'}, which does not exist"
+    for name, says in (("a", "is a symbolic link loop"), ("dangling", gone)):
+        path = str(tmp_path / name)
+        for args in (["prepare", path, "--out", str(tmp_path / "o")], ["train", path], ["sample", "--model", path],
+                     ["eval", path, "--model", str(model)], ["convert", path], ["info", path]):
+            result = runner.invoke(app, args)
+            assert result.exit_code in (1, 2) and says in result.stderr, (args, result.output)
+            assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_a_missing_input_with_a_name_that_is_not_utf8(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from gptcli.errors import GptcliError, UsageError
 from gptcli.formats import book, gguf, hf, openai
 from gptcli.formats import gptcli as gptcli_format
 from gptcli.formats.plan import ConversionPlan, Description, ProgressCallback, ReadOptions, WriteOptions
+from gptcli.paths import not_found
 
 
 class Format(Protocol):
@@ -53,7 +54,7 @@ def detect_format(source: Path) -> str:
     if openai.detect(source):  # first: a checkpoint prefix names no file of its own
         return openai.NAME
     if not source.exists():
-        raise GptcliError(f"not found: {source}")
+        raise GptcliError(not_found(source))
     order = FILE_ORDER if source.is_file() else DIRECTORY_ORDER if source.is_dir() else ()
     for candidate in order:
         if candidate.detect(source):
