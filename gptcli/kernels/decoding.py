@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptcli.kernels.dispatch import autocast_dtype, register
+from gptcli.kernels.dispatch import autocast_dtype
 
 DECODE_ROWS = 4
 """float32 inputs of at most this many rows may take the split matrix-vector product."""
@@ -118,7 +118,6 @@ def _packable(weight: torch.Tensor, x: torch.Tensor) -> bool:
     return native and x.dtype == weight.dtype and autocast_dtype("cpu") is None
 
 
-@register("linear")
 def decoding_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """`layer(x)` for a decoding step on CPU; None for anything else."""
     weight, bias = layer.weight, layer.bias

@@ -49,15 +49,6 @@ def kernel(name: str) -> Kernel:
     return getattr(importlib.import_module(module), function)
 
 
-def register(name: str) -> Callable[[Kernel], Kernel]:
-    """Marks a kernel function in its module (documentation only: `KERNELS` is what dispatches)."""
-
-    def mark(function: Kernel) -> Kernel:
-        return function
-
-    return mark
-
-
 def fast_path(name: str) -> Callable[[F], F]:
     """Mark a module method whose result a kernel may compute faster (same function, less memory
     or time); the method's own body is the plain, chapter-like computation."""
