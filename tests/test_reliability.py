@@ -123,13 +123,15 @@ def committed_step(run: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_or_sighup_finishes_the_step_saves_and_exits(tmp_path, signum, code):
+    """SIGHUP (the terminal closed) is one more stop request, like SIGTERM: 128 + the signal."""
     out = tmp_path / "run"
     proc = start_training(out)
     wait_for_evaluations(proc, 1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == code, stderr
     assert "gptcli train --resume" in stderr and "Traceback" not in stderr
     step = committed_step(out)
     assert step >= 1

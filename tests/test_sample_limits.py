@@ -19,6 +19,7 @@ from gptcli.errors import GptcliError
 from gptcli.model import GPT
 from gptcli.modelfile import save_model
 from gptcli.sampling import DecodeSettings, next_tokens, sampling_probs
+from tests.test_cli_errors import one_error_line
 
 runner = CliRunner()
 HUGE = str(2**63 - 1)
@@ -26,14 +27,6 @@ HUGE = str(2**63 - 1)
 
 def invoke(*args: str | Path):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result, exit_code: int) -> str:
-    assert result.exit_code == exit_code, result.output
-    assert "Traceback" not in result.output and "╭" not in result.output, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 @pytest.fixture
