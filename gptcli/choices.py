@@ -21,7 +21,7 @@ Schedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
 Sampling = Literal["epochs", "random"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
-InferenceDtype = Literal["auto", "fp32", "bf16", "int8"]  # sample and eval --dtype
+InferenceDtype = Literal["auto", "fp32", "bf16", "int8", "int4"]  # sample and eval --dtype
 DropoutRng = Literal["exact", "fast"]  # train --dropout-rng, and the kernels' dropout (gptcli.kernels)
 # train --logger: experiment loggers beside metrics.jsonl (gptcli.loggers). Not a setting of the run:
 # they are not in run.json, and each invocation (a --resume too) picks its own.

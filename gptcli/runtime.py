@@ -33,7 +33,8 @@ def resolve_device(name: str) -> str:
 
 INFERENCE_DTYPES: tuple[str, ...] = get_args(InferenceDtype)
 """`--dtype` of sample and eval: auto picks bf16 where it is native (see `bf16_is_native`), else fp32;
-int8 is weight-only int8 with per-output-channel scales (gptcli.quantize)."""
+int8 is weight-only int8 with per-output-channel scales, int4 weight-only 4-bit with a scale and
+offset per 32 inputs (gptcli.quantize)."""
 
 TRAIN_PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -85,7 +86,7 @@ def bf16_is_native(device: str) -> bool:
 def resolve_precision(
     name: str, device: str, strict: bool = False, option: str = "--dtype", one_row: bool = False
 ) -> tuple[str, str | None]:
-    """The precision that will run for `name` (auto, fp32, bf16, int8) on `device`, and a one-line note
+    """The precision that will run for `name` (auto, fp32, bf16, int8, int4) on `device`, and a one-line note
     when it differs from the request. bf16 where it is not native runs fp32 (with the note), or is a
     usage error with `strict` (--strict-precision).
 
@@ -108,11 +109,11 @@ def resolve_precision(
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """Weights' dtype for a resolved precision: fp32, or bf16 (half the memory traffic). int8 models load
-    in fp32 and are quantized after (gptcli.quantize)."""
+    """Weights' dtype for a resolved precision: fp32, or bf16 (half the memory traffic). int8 and int4
+    models load in fp32 and are quantized after (gptcli.quantize)."""
     import torch
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32, "int4": torch.float32}
     if name not in dtypes:
         raise UsageError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {name!r}")
     return dtypes[name]

@@ -59,8 +59,12 @@ def test_lm_head_loss_without_grad_and_with_nothing_scored():
     assert math.isnan(F.cross_entropy(hidden @ weight.t(), nothing).item())
 
 
-def test_lm_head_loss_under_autocast_matches_autocast_linear(monkeypatch):
+@pytest.mark.parametrize("slab", [1 << 27, 2 * 3 * 1000])
+def test_lm_head_loss_under_autocast_matches_autocast_linear(monkeypatch, slab):
+    """bf16: chunks of 3 rows; the weight gradient in one product, or in slabs of 2 chunks (of the
+    10 rows: one full slab of 6 and a last, partial one of 4)."""
     monkeypatch.setattr(head_loss, "LOSS_CHUNK_ELEMENTS", 3 * 1000)
+    monkeypatch.setattr(head_loss, "GRADIENT_SLAB_ELEMENTS", slab)
     torch.manual_seed(0)
     hidden = torch.randn(10, 64, requires_grad=True)
     weight = (torch.randn(1000, 64) * 0.1).requires_grad_()

@@ -1,5 +1,6 @@
-"""`--dtype int8` (gptcli.quantize) and the precision choices of sample and eval (gptcli.runtime):
-int8's error and perplexity bound, native-bf16 detection and the fp32 fallback where it is missing."""
+"""`--dtype int8` and `--dtype int4` (gptcli.quantize) and the precision choices of sample and eval
+(gptcli.runtime): their error and perplexity bounds, the kernels against the dequantizing paths,
+native-bf16 detection and the fp32 fallback where it is missing."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from gptcli.cli import app
 from gptcli.config import get_preset
 from gptcli.errors import UsageError
 from gptcli.evaluate import sliding_window_loss
+from gptcli.kernels.dispatch import ENV_SWITCH
 from gptcli.model import GPT
-from gptcli.quantize import Int8Linear, is_quantized, quantize_model
+from gptcli.quantize import Int4Linear, Int8Linear, is_quantized, quantize_model
 from gptcli.runtime import BF16_ENV, cpu_has_native_bf16, resolve_precision
 from gptcli.tokenizer import encode
 from tests.conftest import VERDICT
@@ -56,27 +58,63 @@ def test_int8_linear_is_within_rounding_of_the_float_layer() -> None:
             torch.testing.assert_close(quantized(x), linear(x), rtol=0.02, atol=0.02)
 
 
-def test_every_linear_and_the_tied_head_are_quantized() -> None:
+@pytest.mark.parametrize(("bits", "layer"), [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_every_linear_and_the_tied_head_are_quantized(bits: str, layer: type) -> None:
     model = GPT(get_preset("tiny").replace(tie_weights=True)).eval()
-    quantize_model(model)
+    quantize_model(model, bits=bits)
     assert is_quantized(model)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert isinstance(model.out_head, Int8Linear) and model.tok_emb.weight.dtype == torch.float32
+    assert isinstance(model.out_head, layer) and model.tok_emb.weight.dtype == torch.float32
     with torch.inference_mode():
         assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
 
 
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (50257, 32), (77, 48)])
+def test_int4_linear_is_within_a_step_of_the_float_layer(out_features: int, in_features: int) -> None:
+    """Each weight within half a step of its group (plus the bf16 rounding of scale and offset); the
+    vocabulary's 50257 rows are padded for the kernel; 48 inputs (not a multiple of 32) make one group."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, out_features)
+    quantized = Int4Linear(linear)
+    assert quantized.group == (32 if in_features % 32 == 0 else in_features)
+    scales = quantized.scales_and_offsets[..., 0].float().t()[:out_features]  # (out, groups)
+    error = (quantized.dequantized(torch.float32) - linear.weight).abs().view(out_features, -1, quantized.group)
+    assert bool((error <= scales[:, :, None] * 0.51 + 1e-2 * linear.weight.abs().max()).all())
+    with torch.inference_mode():
+        x = torch.randn(3, in_features)
+        relative = (quantized(x) - linear(x)).norm() / linear(x).norm()
+    assert relative < 0.1
+
+
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_int4_kernel_equals_the_dequantizing_path(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """torch's int4 kernel (bf16 activations and output) against GPTCLI_KERNELS=0's dequantized
+    weight: the same function up to bf16 rounding."""
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(64, 200)
+    fast = Int4Linear(linear)
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    plain = Int4Linear(linear)
+    assert fast.packed and not plain.packed
+    torch.testing.assert_close(fast.dequantized(torch.float32), plain.dequantized(torch.float32), rtol=1e-2, atol=1e-3)
+    with torch.inference_mode():
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(fast(x), plain(x.bfloat16().float()), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.slow
-def test_int8_perplexity_within_one_percent_of_fp32(trained: tuple[GPT, list[int]]) -> None:
+@pytest.mark.parametrize(("bits", "bound"), [("int8", 0.01), ("int4", 0.03)])
+def test_quantized_perplexity_near_fp32(trained: tuple[GPT, list[int]], bits: str, bound: float) -> None:
     import copy
 
     model, tokens = trained
     fp32_loss, _ = sliding_window_loss(model, tokens, batch_size=16)
-    int8 = quantize_model(copy.deepcopy(model))
-    int8_loss, _ = sliding_window_loss(int8, tokens, batch_size=16)
-    ppl32, ppl8 = torch.tensor(fp32_loss).exp().item(), torch.tensor(int8_loss).exp().item()
+    quantized = quantize_model(copy.deepcopy(model), bits=bits)
+    with torch.inference_mode():
+        quantized_loss, _ = sliding_window_loss(quantized, tokens, batch_size=16)
+    ppl32, ppl_q = torch.tensor(fp32_loss).exp().item(), torch.tensor(quantized_loss).exp().item()
     assert ppl32 < 2000  # it learned something
-    assert abs(ppl8 - ppl32) / ppl32 < 0.01
+    assert abs(ppl_q - ppl32) / ppl32 < bound
 
 
 @pytest.mark.parametrize(("env", "native"), [("0", False), ("1", True)])
@@ -111,16 +149,17 @@ def test_sample_runs_fp32_where_bf16_is_not_native(model_file: Path, monkeypatch
     assert json.loads(runner.invoke(app, [*args[:-2], "--dtype", "auto"]).stdout)["dtype"] == "bf16"
 
 
-def test_sample_and_eval_take_int8(model_file: Path, tmp_path: Path) -> None:
-    sample = runner.invoke(app, ["sample", "Hello", "-m", str(model_file), "-n", "4", "--dtype", "int8", "--json"])
+@pytest.mark.parametrize(("bits", "bound"), [("int8", 0.01), ("int4", 0.03)])
+def test_sample_and_eval_take_quantized_weights(model_file: Path, bits: str, bound: float) -> None:
+    sample = runner.invoke(app, ["sample", "Hello", "-m", str(model_file), "-n", "4", "--dtype", bits, "--json"])
     assert sample.exit_code == 0, sample.output
-    assert json.loads(sample.stdout)["dtype"] == "int8" and "cpu int8" in sample.stderr
+    assert json.loads(sample.stdout)["dtype"] == bits and f"cpu {bits}" in sample.stderr
     scores = {}
-    for dtype in ("fp32", "int8"):
+    for dtype in ("fp32", bits):
         result = runner.invoke(app, ["eval", str(VERDICT), "-m", str(model_file), "--dtype", dtype, "--json",
                                      "--max-tokens", "300"])
         assert result.exit_code == 0, result.output
         record = json.loads(result.stdout)
         assert record["dtype"] == dtype
         scores[dtype] = record["perplexity"]
-    assert abs(scores["int8"] - scores["fp32"]) / scores["fp32"] < 0.01
+    assert abs(scores[bits] - scores["fp32"]) / scores["fp32"] < bound

@@ -1,5 +1,6 @@
 """Batched decoding (`gptcli sample`'s rows): greedy decoding of the-verdict's first lines at each
-batch size; aggregate tokens/s and useful FLOP/s against the fp32 matmul peak."""
+batch size; aggregate tokens/s and useful FLOP/s against the fp32 matmul peak; then the same with
+bf16, int8 and int4 weights at batch 1 and the largest batch."""
 
 from __future__ import annotations
 
@@ -84,6 +85,33 @@ def batched(suite: Suite) -> None:
                         note=("same tokens as batch 1" if same else "TOKENS DIFFER from batch 1")
                         + f"; load {os.getloadavg()[0]:.1f}"))
     _targets(suite, suite.add(rows, "gptcli batch 1"), flops)
+    batched_dtypes(suite, model, prompts)
+
+
+def batched_dtypes(suite: Suite, fp32: GPT, prompts: list[list[int]]) -> None:
+    """Batch 1 against the largest batch size with bf16, int8 and int4 weights (one case each)."""
+    import copy
+
+    import torch
+
+    from gptcli.quantize import quantize_model
+
+    plan = suite.plan
+    sizes = (1, max(plan.batch_sizes))
+    for dtype in ("bf16", "int8", "int4"):
+        model = (copy.deepcopy(fp32).to(torch.bfloat16) if dtype == "bf16"
+                 else quantize_model(copy.deepcopy(fp32), bits=dtype))
+        outputs: dict[str, list[list[int]]] = {}
+        fns = {f"{dtype} batch {b}": _decoder(model, prompts, plan.batch_tokens, outputs, b,
+                                              min(len(prompts), max(4 * b, 4))) for b in sizes}
+        case = f"batched greedy {dtype}, {plan.batch_tokens} tokens/row"
+        log(f"  {case}")
+        rates = interleaved(fns, plan.batch_reps, 1)
+        rows = [Row(case, f"gptcli {name}", values, "tokens/s", note=f"load {os.getloadavg()[0]:.1f}")
+                for name, values in rates.items()]
+        by_name = suite.add(rows, f"gptcli {dtype} batch 1")
+        top = by_name[f"gptcli {dtype} batch {sizes[1]}"]
+        suite.targets.append(Target(f"batched {dtype}: batch {sizes[1]} / batch 1", top.ratio, 1.0))
 
 
 def run(suite: Suite) -> None:

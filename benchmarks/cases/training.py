@@ -1,5 +1,7 @@
 """Training throughput: one step (forward, loss, backward, optimizer) of each implementation,
-interleaved, in fp32 and under bf16 autocast; tokens/s and MFU against the measured matmul peak."""
+interleaved, in fp32 and under bf16 autocast; tokens/s and MFU against the measured matmul peak.
+Beside them, "matmuls only": the step's matrix products alone at their shapes (forward, and both
+products of each backward), the rate no implementation built on torch's matmuls can pass."""
 
 from __future__ import annotations
 
@@ -124,20 +126,44 @@ def batch(config: GPTConfig, size: int, seed: int = 0) -> tuple[torch.Tensor, to
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def matmuls_only(config: GPTConfig, size: int, precision: str) -> Callable[[], float]:
+    """The products of one training step on `size` rows of the context, nothing else: for every
+    linear layer and the output head X @ W^T, dY @ W and dY^T @ X (attention's small batched products
+    left out); returns the tokens."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows, emb = size * config.context_length, config.emb_dim
+    shapes = [(emb, 3 * emb), (emb, emb), (emb, 4 * emb), (4 * emb, emb)] * config.n_layers
+    shapes.append((emb, config.vocab_size))
+    g = torch.Generator().manual_seed(0)
+    operands = [(torch.randn(rows, i, generator=g, dtype=dtype), torch.randn(o, i, generator=g, dtype=dtype),
+                 torch.randn(rows, o, generator=g, dtype=dtype)) for i, o in shapes]
+
+    def run() -> float:
+        for x, w, dy in operands:
+            torch.nn.functional.linear(x, w)
+            torch.mm(dy, w)
+            torch.mm(dy.t(), x)
+        return float(rows)
+
+    return run
+
+
 def _measure(suite: Suite, trainers: dict[str, Step], config: GPTConfig, size: int, precision: str) -> None:
-    """One case: `trainers` interleaved on a batch of `size` in `precision`."""
+    """One case: `trainers` interleaved on a batch of `size` in `precision`, and the matmul floor."""
     x, y = batch(config, size)
     case = f"train {precision} b{size}"
     log(f"  {case}")
     losses: dict[str, float] = {}
     fns = {n: recording(losses, n, functools.partial(step, x, y, precision), x.numel()) for n, step in trainers.items()}
+    fns["matmuls only"] = matmuls_only(config, size, precision)
     rates = interleaved(fns, suite.plan.train_reps, suite.plan.train_warmup)
     peak = suite.peaks["bf16_gflops" if precision == "bf16" else "fp32_gflops"]
     flops = train_flops_per_token(config)
     rows = []
-    for name in trainers:
+    for name in fns:
         mfu = statistics.median(rates[name]) * flops / 1e9 / peak
-        rows.append(Row(case, name, rates[name], "tokens/s", extra=f"MFU {mfu:.0%}", note=f"loss {losses[name]:.2f}"))
+        note = f"loss {losses[name]:.2f}" if name in losses else "the ceiling: products alone"
+        rows.append(Row(case, name, rates[name], "tokens/s", extra=f"MFU {mfu:.0%}", note=note))
     suite.add(rows, "chapter")
     suite.train_rows[(precision, size)] = {r.impl: r for r in rows}
 
@@ -170,6 +196,23 @@ def training_targets(suite: Suite) -> None:
         if fp32 and bf16:
             suite.targets.append(Target(f"train bf16 b{size}: gptcli bf16 / chapter fp32",
                                         bf16["gptcli"].median / fp32["chapter"].median, 2.2))
+        if bf16:
+            _bf16_targets(suite, size, bf16)
+
+
+def _bf16_targets(suite: Suite, size: int, bf16: dict[str, Row]) -> None:
+    """MFU against the bf16 matmul peak (65% at batch 8, 55% below) and the ratio to HF's bf16 step;
+    not applicable (None) where the CPU has no native bf16."""
+    from gptcli.runtime import bf16_is_native
+
+    native = bf16_is_native("cpu")
+    mfu = bf16["gptcli"].median * train_flops_per_token(train_config(suite.plan.tiny)) / 1e9
+    mfu /= suite.peaks["bf16_gflops"]
+    goal = 0.65 if size >= 8 else 0.55
+    suite.targets.append(Target(f"train bf16 b{size}: gptcli MFU (native bf16)", mfu if native else None, goal))
+    if "hf" in bf16:
+        ratio = bf16["gptcli"].median / bf16["hf"].median
+        suite.targets.append(Target(f"train bf16 b{size}: gptcli / hf", ratio if native else None, 1.3))
 
 
 def run(suite: Suite) -> None:
