@@ -415,3 +415,22 @@ def test_a_mirror_without_sums_is_held_to_the_known_hashes(tmp_path: Path, dest:
     with pytest.raises(GptcliError, match="has sha256 .*, expected b41e41a68f03"):
         download.fetch_verdict(dest / "v.txt", mirror=str(mirror), policy=FAST)
     assert leftovers(dest) == []
+
+
+def test_tokenizer_ranks_equal_tiktoken_s_own_reading_of_the_bpe_files(tmp_path: Path) -> None:
+    """gptcli reads the ranks from encoder.json once both files are GPT-2's; tiktoken's reader derives
+    them from vocab.bpe too: the same 50,256 ranks. A changed file is refused as corrupt."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from gptcli import assets, tokenizer
+    from gptcli.errors import GptcliError
+
+    bundled = assets.BPE_DIR
+    reference = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(bundled / "vocab.bpe"),
+                                                encoder_json_file=str(bundled / "encoder.json"))
+    assert tokenizer._mergeable_ranks(bundled) == reference
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / name).write_bytes((bundled / name).read_bytes())
+    (tmp_path / "vocab.bpe").write_bytes((bundled / "vocab.bpe").read_bytes() + b"x y\n")
+    with pytest.raises(GptcliError, match="vocab.bpe has another sha256"):
+        tokenizer._mergeable_ranks(tmp_path)
