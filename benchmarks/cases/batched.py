@@ -107,8 +107,12 @@ def batched_dtypes(suite: Suite, fp32: GPT, prompts: list[list[int]]) -> None:
         case = f"batched greedy {dtype}, {plan.batch_tokens} tokens/row"
         log(f"  {case}")
         rates = interleaved(fns, plan.batch_reps, 1)
-        rows = [Row(case, f"gptcli {name}", values, "tokens/s", note=f"load {os.getloadavg()[0]:.1f}")
-                for name, values in rates.items()]
+        alone = outputs[f"batch {sizes[0]}"]
+        rows = []
+        for name, values in rates.items():
+            same = outputs[name.split(" ", 1)[1]][: len(alone)] == alone
+            note = ("same tokens as batch 1" if same else "tokens differ from batch 1 (rounding)")
+            rows.append(Row(case, f"gptcli {name}", values, "tokens/s", note=f"{note}; load {os.getloadavg()[0]:.1f}"))
         by_name = suite.add(rows, f"gptcli {dtype} batch 1")
         top = by_name[f"gptcli {dtype} batch {sizes[1]}"]
         suite.targets.append(Target(f"batched {dtype}: batch {sizes[1]} / batch 1", top.ratio, 1.0))
