@@ -276,8 +276,8 @@ def load(path: Path, device: str, dtype: str) -> GPT:
     from gptcli.quantize import quantize_model
 
     model, _ = load_model(path, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    if dtype == "int8":
-        quantize_model(model)  # in place, as `sample --dtype int8` loads it
+    if dtype in ("int8", "int4"):
+        quantize_model(model, bits=dtype)  # in place, as `sample --dtype int8/int4` loads it
     return model
 
 
@@ -528,7 +528,7 @@ def decode_bound(config: GPTConfig, dtype: str, info: dict[str, Any]) -> float |
     peaks = info.get("peaks")
     if not peaks:
         return None
-    size = {"fp32": 4, "bf16": 2, "int8": 1}[dtype]
+    size = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5 + 4 / 32}[dtype]  # int4: + bf16 scale, offset
     return peaks["hbm_gbps"] * 1e9 / (matmul_params(config) * size)
 
 
@@ -541,7 +541,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     shape = shapes(args.quick)
     result = Result("sample", args.json, info=device_info(args.device))
     prompt = encode(get_tokenizer(), PROMPT)
-    for dtype in ("fp32", "bf16", "int8"):
+    for dtype in ("fp32", "bf16", "int8", "int4"):  # int4 off CPU: the dequantizing path (correct, not fast)
         precision, _ = resolve_precision(dtype, args.device)
         result.check(f"sample --dtype {dtype}: runs {dtype}", precision == dtype, precision, dtype)
         model = load(args.model, args.device, precision)
