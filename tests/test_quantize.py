@@ -69,6 +69,20 @@ def test_every_linear_and_the_tied_head_are_quantized(bits: str, layer: type) ->
         assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
 
 
+def test_kernels_switch_turns_the_int8_kernel_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under GPTCLI_KERNELS=0 a decoding step multiplies the dequantized weight in float32 (the plain
+    path, exactly); with the kernel, bf16 activations make it differ in the last bits."""
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 96)
+    quantized = Int8Linear(linear)
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        plain = torch.nn.functional.linear(x, quantized.dequantized(torch.float32), quantized.bias)
+        assert not torch.equal(quantized(x), plain)
+        monkeypatch.setenv(ENV_SWITCH, "0")
+        assert torch.equal(quantized(x), plain)
+
+
 @pytest.mark.parametrize(("out_features", "in_features"), [(96, 64), (50257, 32), (77, 48)])
 def test_int4_linear_is_within_a_step_of_the_float_layer(out_features: int, in_features: int) -> None:
     """Each weight within half a step of its group (plus the bf16 rounding of scale and offset); the
